@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel of torch; on a GPU machine install your CUDA build of torch into $(VENV) first.
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test test-all lint clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/graft run jobs/demo.yaml
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest -q
+
+test-all: $(VENV)/.installed
+	$(VENV)/bin/pytest -q -m "slow or not slow"
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check graft pipelines tests benchmarks
+
+clean:
+	rm -rf runs

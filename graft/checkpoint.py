@@ -1,0 +1,139 @@
+"""HF checkpoint folders in safetensors, read and written tensor by tensor.
+
+Reading opens each shard lazily (`safe_open`), so a tensor is loaded only when asked for. Writing
+fills one shard at a time and flushes it, so peak memory is one output shard plus the tensors in
+flight, not the model. Pickle checkpoints (`.bin`, `.pt`, ...) are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from graft.atomic import atomic_dir
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that graftline refuses to read; the message names the file or tensor."""
+
+
+def weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint folder; refuses folders that only hold pickles."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a checkpoint folder")
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / n for n in names]
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{pickles[0]}: pickle checkpoints are refused (never unpickled); convert it to safetensors")
+    raise CheckpointError(f"{folder}: no *.safetensors weights found")
+
+
+class CheckpointReader:
+    """Lazy, tensor-by-tensor access to the weights of a safetensors checkpoint folder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, tuple[list[int], str]] = {}
+        for f in weight_files(self.folder):
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self._where[k] = f
+                    sl = h.get_slice(k)
+                    self._meta[k] = (list(sl.get_shape()), sl.get_dtype())
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> list[int]:
+        return self._meta[key][0]
+
+    def dtype_name(self, key: str) -> str:
+        return self._meta[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self._where:
+            raise CheckpointError(f"{self.folder}: no tensor {key!r}")
+        with safe_open(str(self._where[key]), framework="pt") as h:
+            return h.get_tensor(key)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for f in dict.fromkeys(self._where.values()):
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    yield k, h.get_tensor(k)
+
+    def config(self) -> dict:
+        path = self.folder / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> None:
+    """Copy config, tokenizer and other non-weight files of an HF folder (never pickles)."""
+    for p in Path(src).iterdir():
+        if p.is_file() and p.suffix not in (".safetensors", *PICKLE_SUFFIXES) and p.name != INDEX_NAME:
+            shutil.copy2(p, Path(dst) / p.name)
+
+
+def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
+    """Write (name, tensor) pairs into safetensors shards of at most `max_shard_bytes` each."""
+    current: dict[str, torch.Tensor] = {}
+    size = 0
+    names: list[list[str]] = []
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            tmp_name = f"shard-{len(names):05d}.safetensors"
+            save_file({k: v.contiguous() for k, v in current.items()}, str(folder / tmp_name), metadata={"format": "pt"})
+            names.append(list(current))
+            current, size = {}, 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+        current[name] = t
+        size += nbytes
+    flush()
+    if len(names) == 1:
+        (folder / "shard-00000.safetensors").rename(folder / "model.safetensors")
+        return
+    weight_map, total = {}, 0
+    for i, keys in enumerate(names):
+        final = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+        (folder / f"shard-{i:05d}.safetensors").rename(folder / final)
+        for k in keys:
+            weight_map[k] = final
+        total += (folder / final).stat().st_size
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def write_checkpoint(out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], side_files_from: str | Path | None = None,
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write an HF checkpoint folder atomically: weights streamed into shards, side files copied."""
+    with atomic_dir(out) as tmp:
+        write_shards(tmp, tensors, max_shard_bytes)
+        if side_files_from is not None:
+            copy_side_files(side_files_from, tmp)
+    return Path(out)

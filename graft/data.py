@@ -1,0 +1,66 @@
+"""Prompt/answer datasets: JSONL I/O and tokenization for causal-LM training and scoring.
+
+The one data format graftline reads is JSONL with two string fields, `prompt` and `answer`, so a
+user's own data drops in wherever a testbed skill would.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from graft.atomic import atomic_write_text
+
+
+def write_jsonl(path: str | Path, rows: list[dict[str, str]]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, str]]:
+    """Read prompt/answer rows; a malformed line is an error naming the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
+                raise ValueError(f"{path}:{i}: each line needs string fields 'prompt' and 'answer'")
+            rows.append({"prompt": row["prompt"], "answer": row["answer"]})
+    if not rows:
+        raise ValueError(f"{path}: no examples")
+    return rows
+
+
+def encode_examples(
+    tokenizer, rows: list[dict[str, str]], max_length: int, loss_on: str = "answer"
+) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels per example: prompt + answer + eos; labels -100 outside the loss span."""
+    if loss_on not in ("answer", "all"):
+        raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
+    out = []
+    for r in rows:
+        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
+        a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + a)[:max_length]
+        labels = ([-100] * len(p) if loss_on == "answer" else list(p)) + a
+        out.append((ids, labels[:max_length]))
+    return out
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of (ids, labels) for training; padded positions carry no loss."""
+    n = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, (ids, lab) in enumerate(batch):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}

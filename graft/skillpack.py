@@ -1,0 +1,254 @@
+"""SkillPacks (GraftLLM, methods.md §1): a skill's delta, compressed module by module, in one folder.
+
+Module-aware compression of Δ = θ_after − θ_before:
+- embeddings and LM head: magnitude pruning, the top-α fraction of entries kept (`magnitude_prune`);
+- attention and MLP matrices: truncated SVD, rank = the smallest k holding a fraction β of Σσ²,
+  then U and V quantized round-to-nearest by rank band, e.g. 8 bits for the leading columns and 4 or
+  2 for the rest (`svd_quant`);
+- vectors (norms, biases): fp16 (`dense`).
+A folder holds `pack.safetensors` (the compressed tensors: bytes on disk are the compressed bytes)
+and `skillpack.json` (format version, base fingerprint, per-tensor scheme and bytes, source info,
+checksums). Loading verifies the checksums, so a tampered pack is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from graft.atomic import atomic_dir
+from graft.lora import LowRankDelta
+from graft.quantize import dequantize_columns, quantize_columns
+from graft.registry import Registry
+
+FORMAT = "graftline.skillpack"
+FORMAT_VERSION = 1
+EMBEDDING_MARKERS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
+
+Delta = torch.Tensor | LowRankDelta
+
+
+class SkillPackError(ValueError):
+    """A SkillPack that cannot be made, read or applied; the message names the pack and tensor."""
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    energy: float = 0.95
+    bits: tuple[int, ...] = (8, 4)
+    band_fractions: tuple[float, ...] = (0.5, 0.5)
+    keep_fraction: float = 0.1  # α for embeddings / head
+
+
+@dataclass(frozen=True)
+class Scheme:
+    encode: Callable[[Delta, PackSettings], tuple[dict[str, torch.Tensor], dict]]
+    decode: Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
+
+
+SCHEMES: Registry[Scheme] = Registry("compression scheme")
+
+
+def _svd(delta: Delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """U, S, V of the delta; for a LoRA delta through QR of the factors, never densifying B A."""
+    if isinstance(delta, LowRankDelta):
+        qb, rb = torch.linalg.qr(delta.B.float())
+        qa, ra = torch.linalg.qr(delta.A.float().T)
+        um, s, vmh = torch.linalg.svd(delta.scale * rb @ ra.T)
+        u, v = qb @ um, qa @ vmh.T
+        if delta.fan_in_fan_out:
+            u, v = v, u
+        return u, s, v, delta.shape
+    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
+    return u, s, vh.T, tuple(delta.shape)
+
+
+def energy_rank(s: torch.Tensor, energy: float) -> int:
+    """Smallest k whose leading singular values hold a fraction `energy` of Σσ²."""
+    e = s.double().pow(2)
+    if e.sum() == 0:
+        return 0
+    cum = torch.cumsum(e, 0) / e.sum()
+    return int(torch.searchsorted(cum, torch.tensor(energy, dtype=cum.dtype) - 1e-12).item()) + 1
+
+
+def _bands(k: int, fractions: tuple[float, ...]) -> list[int]:
+    sizes = [math.ceil(k * f) for f in fractions]
+    out, left = [], k
+    for n in sizes:
+        out.append(min(n, left))
+        left -= out[-1]
+    return out
+
+
+def _encode_svd_quant(delta: Delta, st: PackSettings) -> tuple[dict[str, torch.Tensor], dict]:
+    u, s, v, shape = _svd(delta)
+    k = energy_rank(s, st.energy)
+    tensors: dict[str, torch.Tensor] = {"s": s[:k].float().contiguous()}
+    bands, start = [], 0
+    for i, (n, bits) in enumerate(zip(_bands(k, st.band_fractions), st.bits)):
+        if n == 0:
+            continue
+        for name, mat in (("u", u), ("v", v)):
+            q = quantize_columns(mat[:, start:start + n], bits)
+            tensors.update({f"{name}{i}.{part}": t for part, t in q.items()})
+        bands.append({"band": i, "start": start, "cols": n, "bits": bits})
+        start += n
+    return tensors, {"shape": list(shape), "rank": k, "bands": bands}
+
+
+def _decode_svd_quant(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    rows, cols = meta["shape"]
+    out = torch.zeros(rows, cols)
+    for b in meta["bands"]:
+        i, n = b["band"], b["cols"]
+        u = dequantize_columns({p: t[f"u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
+        v = dequantize_columns({p: t[f"v{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (cols, n))
+        out += (u * t["s"][b["start"]:b["start"] + n]) @ v.T
+    return out
+
+
+def _dense(delta: Delta) -> torch.Tensor:
+    return delta.dense() if isinstance(delta, LowRankDelta) else delta.float()
+
+
+def _encode_magnitude_prune(delta: Delta, st: PackSettings) -> tuple[dict[str, torch.Tensor], dict]:
+    d = _dense(delta)
+    n = max(1, int(round(st.keep_fraction * d.numel())))
+    idx = d.abs().reshape(-1).topk(n).indices.sort().values
+    return {"index": idx.to(torch.int32), "value": d.reshape(-1)[idx].half()}, {"shape": list(d.shape), "kept": n}
+
+
+def _decode_magnitude_prune(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    out = torch.zeros(math.prod(meta["shape"]))
+    out[t["index"].long()] = t["value"].float()
+    return out.view(meta["shape"])
+
+
+def _encode_dense(delta: Delta, st: PackSettings) -> tuple[dict[str, torch.Tensor], dict]:
+    d = _dense(delta)
+    return {"value": d.half()}, {"shape": list(d.shape)}
+
+
+SCHEMES.register("svd_quant")(Scheme(_encode_svd_quant, _decode_svd_quant))
+SCHEMES.register("magnitude_prune")(Scheme(_encode_magnitude_prune, _decode_magnitude_prune))
+SCHEMES.register("dense")(Scheme(_encode_dense, lambda t, meta: t["value"].float().view(meta["shape"])))
+
+
+def scheme_for(key: str, delta: Delta) -> str:
+    """The module-aware choice of compression for one tensor."""
+    if any(m in key for m in EMBEDDING_MARKERS):
+        return "magnitude_prune"
+    return "svd_quant" if len(_shape(delta)) == 2 else "dense"
+
+
+def _shape(delta: Delta) -> tuple[int, ...]:
+    return tuple(delta.shape)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _manifest_hash(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "content_hash"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class SkillPack:
+    """A compressed skill delta plus its manifest; `delta(key)` gives the dequantized ΔW."""
+
+    manifest: dict
+    tensors: dict[str, torch.Tensor] = field(repr=False)
+    folder: Path | None = None
+
+    def keys(self) -> list[str]:
+        return list(self.manifest["tensors"])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.manifest["tensors"]
+
+    def delta(self, key: str) -> torch.Tensor:
+        entry = self.manifest["tensors"][key]
+        local = {name.split("::", 1)[1]: self.tensors[name] for name in entry["stored"]}
+        return SCHEMES.get(entry["scheme"]).decode(local, entry)
+
+    @property
+    def name(self) -> str:
+        return self.manifest["skill"]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write the pack to `folder` atomically (temporary folder, then rename)."""
+        with atomic_dir(folder) as tmp:
+            self.write_into(tmp)
+        self.folder = Path(folder)
+        return self.folder
+
+    def write_into(self, folder: Path) -> None:
+        """Write pack.safetensors and skillpack.json into an existing folder (caller owns atomicity)."""
+        save_file(self.tensors, str(folder / "pack.safetensors"), metadata={"format": FORMAT})
+        manifest = dict(self.manifest)
+        manifest["checksums"] = {"pack.safetensors": _sha256_file(folder / "pack.safetensors")}
+        manifest["content_hash"] = _manifest_hash(manifest)
+        (folder / "skillpack.json").write_text(json.dumps(manifest, indent=1))
+        self.manifest = manifest
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "SkillPack":
+        folder = Path(folder)
+        mpath = folder / "skillpack.json"
+        if not mpath.is_file():
+            raise SkillPackError(f"{folder}: no skillpack.json (not a SkillPack folder)")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
+            raise SkillPackError(f"{mpath}: unsupported format {manifest.get('format')!r} v{manifest.get('format_version')}")
+        if manifest.get("content_hash") != _manifest_hash(manifest):
+            raise SkillPackError(f"{mpath}: manifest content hash mismatch (the manifest was modified)")
+        for name, digest in manifest["checksums"].items():
+            if _sha256_file(folder / name) != digest:
+                raise SkillPackError(f"{folder / name}: checksum mismatch (the pack was modified or is corrupt)")
+        return cls(manifest, load_file(str(folder / "pack.safetensors")), folder)
+
+
+def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, settings: PackSettings,
+               source: dict | None = None) -> SkillPack:
+    """Compress `deltas` (keyed by base tensor name) into a SkillPack for the fingerprinted base."""
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for key in sorted(deltas):
+        delta = deltas[key]
+        check = delta.A.abs().sum() + delta.B.abs().sum() if isinstance(delta, LowRankDelta) else delta.abs().sum()
+        if not torch.isfinite(check):
+            raise SkillPackError(f"delta for tensor {key!r} holds NaN or Inf")
+        scheme = scheme_for(key, delta)
+        local, meta = SCHEMES.get(scheme).encode(delta, settings)
+        stored = [f"{key}::{n}" for n in local]
+        tensors.update({f"{key}::{n}": t.contiguous() for n, t in local.items()})
+        nbytes = sum(t.numel() * t.element_size() for t in local.values())
+        entries[key] = {"scheme": scheme, **meta, "bytes": nbytes,
+                        "bf16_bytes": 2 * math.prod(meta["shape"]), "stored": stored}
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "skill": skill,
+        "base_fingerprint": base_fingerprint,
+        "settings": {"energy": settings.energy, "bits": list(settings.bits),
+                     "band_fractions": list(settings.band_fractions), "keep_fraction": settings.keep_fraction},
+        "source": source or {},
+        "tensors": entries,
+        "total_bytes": sum(e["bytes"] for e in entries.values()),
+        "delta_bf16_bytes": sum(e["bf16_bytes"] for e in entries.values()),
+    }
+    return SkillPack(manifest, tensors)

@@ -1,0 +1,1 @@
+"""The synthetic-skills testbed: a char tokenizer, skill generators and tiny model configs."""

@@ -1,0 +1,1 @@
+"""graftline's orchestration: job specs, stages on Ray, Ray Train + DeepSpeed training, MLflow tracking."""

@@ -1,0 +1,41 @@
+"""Human-facing outputs: the accuracy chart and the end-of-run summary table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def accuracy_chart(table: dict[str, dict[str, float]], path: Path, title: str) -> Path:
+    """Grouped bars: one group per skill, one bar per model; exact-match accuracy 0..1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(table)
+    skills = sorted({s for row in table.values() for s in row})
+    width = 0.8 / max(1, len(models))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(skills) * max(1, len(models)) * 0.5), 4))
+    for i, m in enumerate(models):
+        xs = [j + i * width for j in range(len(skills))]
+        ax.bar(xs, [table[m].get(s, 0.0) for s in skills], width, label=m)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(skills))], skills)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncols=min(4, len(models)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def format_table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def accuracy_table(table: dict[str, dict[str, float]]) -> str:
+    skills = sorted({s for row in table.values() for s in row})
+    return format_table(["model", *skills], [[m, *(f"{table[m].get(s, float('nan')):.3f}" for s in skills)] for m in table])

@@ -1,0 +1,81 @@
+"""Stage `score`: per-parameter importance of each skill's expert, fanned out as Ray tasks.
+
+One Ray task per (skill, data shard) computes partial sums of the chosen score (default: the
+Fisher diagonal) on the base with the skill's adapter merged in; the driver adds the partials
+(exact: sums and counts) and writes `<root>/score/<skill>-<key>/scores.safetensors` and
+`summary.json` (per-tensor share of the importance mass).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from graft.importance import ImportancePartial, module_summary, save_scores
+from pipelines.cache import content_key
+from pipelines.context import RunContext, StageResult
+
+NAME = "score"
+
+
+def score_shard(base: str, adapter: str, tokenizer: str, data: str, shard: int, shards: int, examples: int,
+                batch_size: int, method: str, max_length: int, threads: int, trust_remote_code: bool) -> tuple[dict, int]:
+    """Partial importance sums of one data shard (runs as a Ray task)."""
+    from transformers import AutoTokenizer
+
+    from graft.data import collate, encode_examples, read_jsonl
+    from graft.importance import SCORES
+    from graft.lora import load_with_adapter
+
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    model = load_with_adapter(base, adapter, trust_remote_code)
+    rows = read_jsonl(data)[:examples][shard::shards]
+    enc = encode_examples(tok, rows, max_length)
+    batches = (collate(enc[i:i + batch_size], tok.pad_token_id) for i in range(0, len(enc), batch_size))
+    part = SCORES.get(method)(model, batches)
+    return {k: v.numpy() for k, v in part.sums.items()}, part.count
+
+
+def run(ctx: RunContext) -> StageResult:
+    import ray
+
+    spec, sc = ctx.spec, ctx.spec.score
+    prep, trained = ctx.results["testbed"].info, ctx.results["train"]
+    result = StageResult(NAME)
+    remote = ray.remote(num_cpus=1)(score_shard)
+    pending: dict[str, list] = {}
+
+    def submit(skill: str) -> list:
+        if skill not in pending:
+            pending[skill] = [remote.remote(prep["base"], str(trained.outputs[skill]), prep["tokenizer"],
+                                            prep["data"][skill]["train"], i, sc.shards, sc.examples, sc.batch_size,
+                                            sc.method, spec.train.max_length, 1, spec.trust_remote_code)
+                              for i in range(sc.shards)]
+        return pending[skill]
+
+    keys = {s.name: content_key(trained.keys[s.name], prep["data"][s.name]["key"], sc) for s in spec.skills}
+    for s in spec.skills:  # fan out every skill's shards before waiting on any
+        if not ctx.output_path(NAME, s.name, keys[s.name]).is_dir() or NAME in ctx.force:
+            submit(s.name)
+    for s in spec.skills:
+        def build(tmp: Path, run, skill=s.name) -> dict[str, float]:
+            total: ImportancePartial | None = None
+            for sums, count in ray.get(submit(skill)):
+                part = ImportancePartial({k: torch.from_numpy(np.array(v)) for k, v in sums.items()}, count)
+                total = part if total is None else total + part
+            scores = total.finalize()
+            save_scores(scores, tmp / "scores.safetensors", sc.method, total.count)
+            summary = module_summary(scores)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+            run.artifact(tmp / "summary.json")
+            top = next(iter(summary.items()))
+            run.tags({"graftline.top_tensor": top[0]})
+            return {"terms": total.count, "shards": sc.shards, "top_tensor_share": top[1]["share"],
+                    "total_mass": float(sum(v.sum() for v in scores.values()))}
+
+        ctx.run_item(NAME, s.name, keys[s.name], {"skill": s.name, **sc.model_dump(mode="json")}, build, result)
+    return result

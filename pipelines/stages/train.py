@@ -1,0 +1,46 @@
+"""Stage `train`: one LoRA adapter per skill, each a Ray Train run driving DeepSpeed ZeRO.
+
+Inputs: the base model and each skill's training JSONL (from `testbed`), the job's `train` section.
+Outputs: `<root>/train/<skill>-<key>/`, a PEFT adapter folder (+ `train_info.json`, `losses.json`).
+Logs (child run `train/<skill>`): loss per step, engine class, ZeRO stage, world size, the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipelines.cache import content_key
+from pipelines.context import RunContext, StageResult
+from pipelines.training.trainer import TrainRequest, run_training
+
+NAME = "train"
+
+
+def run(ctx: RunContext) -> StageResult:
+    spec, tr = ctx.spec, ctx.spec.train
+    prep = ctx.results["testbed"].info
+    result = StageResult(NAME)
+    for skill in spec.skills:
+        data = prep["data"][skill.name]
+        key = content_key(prep["base_key"], data["key"], tr)
+
+        def build(tmp: Path, run, data=data, skill=skill.name) -> dict[str, float]:
+            req = TrainRequest(
+                model_path=prep["base"], tokenizer_path=prep["tokenizer"], data_path=data["train"], mode="lora",
+                steps=tr.steps, batch_size=tr.batch_size, lr=tr.lr, seed=tr.seed, zero_stage=tr.zero_stage,
+                num_workers=tr.num_workers, accelerator=tr.accelerator, warmup_steps=tr.warmup_steps, bf16=tr.bf16,
+                offload_optimizer=tr.offload_optimizer, max_length=tr.max_length, lora=tr.lora.model_dump(),
+                deepspeed=tr.deepspeed, threads_per_worker=tr.cpus_per_worker,
+                tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id)
+            ctx.log(f"  train/{skill}: LoRA r={tr.lora.rank}, ZeRO-{tr.zero_stage}, {tr.num_workers} workers, {tr.steps} steps")
+            run_training(req, ctx.root / "ray_train", tmp, f"train-{skill}")
+            info = json.loads((tmp / "train_info.json").read_text())
+            run.params({"deepspeed.engine_class": info["engine_class"], "deepspeed.zero_stage": info["zero_stage"],
+                        "deepspeed.world_size": info["world_size"]})
+            run.artifact(tmp, "adapter")
+            return {"final_loss": info["final_loss"], "train_seconds": info["train_seconds"],
+                    "steps_per_second": info["steps_per_second"]}
+
+        ctx.run_item(NAME, skill.name, key, {"skill": skill.name, **tr.model_dump(mode="json")}, build, result)
+    return result

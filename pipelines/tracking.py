@@ -1,0 +1,112 @@
+"""MLflow tracking: one parent run per job, a child run per stage × item, FAILED runs with their error.
+
+Uses `MlflowClient` against an explicit tracking URI (no process-wide MLflow state), so the same
+code logs to the local sqlite default, a tracking server, or any URI a job names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+MAX_PARAM_CHARS = 6000
+
+
+def default_tracking_uri(output_dir: Path) -> str:
+    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{'train.lora.rank': '8', ...} from a nested mapping, values as MLflow param strings."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            text = json.dumps(v, default=str) if not isinstance(v, str) else v
+            out[key] = text[:MAX_PARAM_CHARS]
+    return out
+
+
+@dataclass
+class RunHandle:
+    """One MLflow run: log params, metrics, tags and artifacts to it."""
+
+    client: MlflowClient
+    run_id: str
+
+    def params(self, params: Mapping[str, Any]) -> None:
+        items = [Param(k, v) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+
+class Tracker:
+    """Creates and closes the runs of one job in one MLflow experiment."""
+
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
+        self.uri = uri
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = artifact_root.resolve().as_uri() if artifact_root is not None else None
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    @contextmanager
+    def run(self, name: str, parent: RunHandle | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[RunHandle]:
+        """A run that ends FINISHED, or FAILED with the error text when the block raises."""
+        all_tags = {"mlflow.runName": name, **(tags or {})}
+        if parent is not None:
+            all_tags["mlflow.parentRunId"] = parent.run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
+        handle = RunHandle(self.client, run.info.run_id)
+        try:
+            yield handle
+        except BaseException as e:
+            message = f"{type(e).__name__}: {e}".strip()
+            try:
+                handle.tags({"graftline.error": message[:4000]})
+                handle.text(message, "error.txt")
+            finally:
+                self.client.set_terminated(handle.run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
+            raise
+        self.client.set_terminated(handle.run_id, "FINISHED")
+
+
+def write_json_artifact(run: RunHandle, obj: Any, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        Path(path).write_text(json.dumps(obj, indent=1, default=str))
+        run.artifact(path)

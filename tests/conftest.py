@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny real models and adapters built in code (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from graft.testbed.models import init_model, model_config  # noqa: E402
+from graft.testbed.tokenizer import save_char_tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_base(folder: Path, seed: int = 0, family: str = "llama") -> Path:
+    tok = save_char_tokenizer(folder)
+    cfg = model_config(family, "tiny", len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
+    init_model(cfg, seed, folder)
+    return folder
+
+
+def make_adapter(base: Path, folder: Path, seed: int = 1, targets=("q_proj", "v_proj", "down_proj"), rank: int = 4) -> Path:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    peft_model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
+    g = torch.Generator().manual_seed(seed)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    peft_model.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def base_model(tmp_path_factory) -> Path:
+    return make_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="session")
+def adapter(base_model, tmp_path_factory) -> Path:
+    return make_adapter(base_model, tmp_path_factory.mktemp("adapter"))

@@ -1,0 +1,139 @@
+"""The whole pipeline on a real local Ray with real DeepSpeed and MLflow, at tiny sizes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from safetensors import safe_open
+
+pytestmark = pytest.mark.integration
+
+STAGE_RUNS = {"testbed/data-general", "testbed/data-reverse", "testbed/data-sort", "testbed/base-v1", "train/reverse",
+              "train/sort", "score/reverse", "score/sort", "pack/reverse", "pack/sort", "graft", "evaluate"}
+
+
+def job(tmp: Path, **train) -> dict:
+    return {
+        "name": "itest",
+        "output_dir": str(tmp / "runs"),
+        "tracking": {"experiment": "itest"},
+        "testbed": {"size": "tiny", "pretrain_steps": 30, "pretrain_examples": 1000, "train_examples": 200, "eval_examples": 16},
+        "skills": [{"name": "reverse"}, {"name": "sort"}],
+        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, **train},
+        "score": {"examples": 8, "shards": 2},
+        "evaluate": {"max_new_tokens": 8},
+    }
+
+
+def graft_run(tmp: Path, spec: dict, *extra: str) -> subprocess.CompletedProcess:
+    path = tmp / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path), *extra],
+                          capture_output=True, text=True, timeout=900)
+
+
+def runs_of(tmp: Path):
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("itest")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"], max_results=500)
+    return client, runs
+
+
+def children(runs, parent):
+    return {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    proc = graft_run(tmp, job(tmp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp, proc
+
+
+def test_end_to_end_outputs_and_tracking(first_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp, proc = first_run
+    client, runs = runs_of(tmp)
+    (parent,) = [r for r in runs if r.info.run_name == "itest"]
+    assert parent.info.status == "FINISHED"
+    kids = children(runs, parent)
+    assert set(kids) == STAGE_RUNS
+    assert all(r.info.status == "FINISHED" and r.data.tags["graftline.cached"] == "false" for r in kids.values())
+
+    # training really went through DeepSpeed, at the ZeRO stage the spec asked for
+    for skill in ("reverse", "sort"):
+        train = kids[f"train/{skill}"]
+        assert train.data.params["deepspeed.engine_class"] == "DeepSpeedEngine"
+        assert train.data.params["deepspeed.zero_stage"] == "2"
+        assert train.data.params["deepspeed.world_size"] == "2"
+        assert len(client.get_metric_history(train.info.run_id, "train_loss")) == 6
+        assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(train.info.run_id, "adapter")}
+        assert "skillpack/skillpack.json" in {a.path for a in client.list_artifacts(kids[f"pack/{skill}"].info.run_id, "skillpack")}
+        assert kids[f"score/{skill}"].data.metrics["terms"] == 8
+    assert "acc.grafted.reverse" in kids["evaluate"].data.metrics
+    assert {"report/eval.json", "report/eval.png", "report/eval.txt"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert [a.path for a in client.list_artifacts(parent.info.run_id, "job")] == ["job/job.yaml"]
+    assert parent.data.params["train.zero_stage"] == "2"
+
+    grafted = Path(parent.data.tags["graftline.grafted_checkpoint"])
+    model = AutoModelForCausalLM.from_pretrained(str(grafted))
+    tok = AutoTokenizer.from_pretrained(str(grafted))
+    out = model.generate(**tok(["rev:abc="], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, len("rev:abc=") + 4)
+    assert "model" in proc.stdout and "grafted" in proc.stdout  # the eval table was printed
+    assert not list((tmp / "runs").rglob(".tmp-*"))
+
+
+def test_second_run_reuses_every_stage(first_run):
+    tmp, _ = first_run
+    proc = graft_run(tmp, job(tmp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = runs_of(tmp)
+    parent = [r for r in runs if r.info.run_name == "itest"][-1]
+    kids = children(runs, parent)
+    assert set(kids) == STAGE_RUNS
+    assert all(r.data.tags["graftline.cached"] == "true" for r in kids.values())
+    assert proc.stdout.count("reusing") == len(STAGE_RUNS)
+
+
+def test_zero3_adapters_are_gathered_before_saving(first_run):
+    tmp, _ = first_run
+    # threshold 0: every parameter is partitioned, so an ungathered save would write empty tensors
+    spec = job(tmp, zero_stage=3, deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    proc = graft_run(tmp, spec)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client, runs = runs_of(tmp)
+    parent = [r for r in runs if r.info.run_name == "itest"][-1]
+    kids = children(runs, parent)
+    assert kids["testbed/base-v1"].data.tags["graftline.cached"] == "true"
+    train = kids["train/reverse"]
+    assert train.data.params["deepspeed.zero_stage"] == "3" and train.data.tags["graftline.cached"] == "false"
+    adapter = Path(train.data.tags["graftline.output"]) / "adapter_model.safetensors"
+    with safe_open(str(adapter), framework="pt") as f:
+        shapes = [f.get_slice(k).get_shape() for k in f.keys()]
+    assert shapes and all(len(s) == 2 and min(s) > 0 for s in shapes)
+
+
+def test_failed_stage_is_failed_in_mlflow_and_writes_nothing(first_run):
+    tmp, _ = first_run
+    spec = job(tmp, lora={"target_modules": ["no_such_proj"]})
+    proc = graft_run(tmp, spec)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("graft: error: ")
+    _, runs = runs_of(tmp)
+    parent = [r for r in runs if r.info.run_name == "itest"][-1]
+    assert parent.info.status == "FAILED"
+    kids = children(runs, parent)
+    assert kids["train/reverse"].info.status == "FAILED"
+    assert "no_such_proj" in kids["train/reverse"].data.tags["graftline.error"]
+    key = kids["train/reverse"].data.tags["graftline.key"]
+    assert not (tmp / "runs" / "itest" / "train" / f"reverse-{key}").exists()
+    assert not list((tmp / "runs").rglob(".tmp-*"))
