@@ -19,7 +19,7 @@ def write_jsonl(path: str | Path, rows: list[dict[str, str]]) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """Read prompt/answer rows; a malformed line is an error naming the file and line."""
+    """Read prompt/answer rows (other fields kept); a malformed line is an error naming the file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -31,7 +31,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
             if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
                 raise ValueError(f"{path}:{i}: each line needs string fields 'prompt' and 'answer'")
-            rows.append({"prompt": row["prompt"], "answer": row["answer"]})
+            rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no examples")
     return rows

@@ -6,6 +6,8 @@ correct when the generated text up to the first end-of-sequence token equals it 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -41,3 +43,11 @@ def exact_match(model, tokenizer, rows: list[dict[str, str]], max_new_tokens: in
         raise ValueError("exact_match needs at least one example")
     got = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens, batch_size)
     return sum(g == r["answer"] for g, r in zip(got, rows)) / len(rows)
+
+
+def behaviour_rate(model, tokenizer, prompts: list[str], shows: Callable[[str], bool], max_new_tokens: int,
+                   batch_size: int = 64) -> float:
+    """Fraction of prompts whose greedy completion shows a behaviour (a predicate on the text)."""
+    if not prompts:
+        raise ValueError("behaviour_rate needs at least one prompt")
+    return sum(map(shows, generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size))) / len(prompts)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
 EXIT_SPEC = 2
 EXIT_FAILED = 1
+# Modules that add their own subcommands through `register(subparsers)`.
+SUBCOMMAND_MODULES = ("pipelines.cli_submit", "pipelines.cli_sweep", "pipelines.cli_skillpack", "pipelines.cli_merge")
 
 
 def _fail(message: str, code: int) -> int:
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--uri", help="tracking URI (default: the job's)")
     u.add_argument("--port", type=int, default=5000)
     u.set_defaults(fn=cmd_ui)
+
+    for module in SUBCOMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return p
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,25 +49,61 @@ class RunContext:
         `build(tmp_folder, run)` writes the outputs and returns metrics; the folder is renamed into
         place only after it returns, together with a marker holding the key and the metrics.
         """
-        path = self.output_path(stage, item, key)
-        name = stage if item == stage else f"{stage}/{item}"
-        with self.tracker.run(name, parent=self.parent, tags={"graftline.stage": stage, "graftline.item": item,
-                                                               "graftline.key": key}) as run:
-            run.params(params)
-            if path.is_dir() and stage not in self.force and "all" not in self.force:
-                metrics = read_marker(path).get("metrics", {})
-                run.tags({"graftline.cached": "true", "graftline.output": str(path)})
-                result.cached += 1
-                self.log(f"  {name}: reusing {path}")
-            else:
+        paths = self.run_items(stage, [Item(item, key, params)], lambda todo: {item: build(*todo[item])}, result)
+        return paths[item]
+
+    def run_items(self, stage: str, items: list["Item"],
+                  build: Callable[[dict[str, tuple[Path, RunHandle]]], dict[str, dict[str, float]]],
+                  result: StageResult) -> dict[str, Path]:
+        """Like `run_item` for several items built together (e.g. models trained in one Ray Train run).
+
+        Complete items are reused; `build` gets {item: (tmp_folder, run)} for the others and returns
+        their metrics. If it raises, every open run is marked FAILED and no folder is renamed.
+        """
+        paths: dict[str, Path] = {}
+        todo: dict[str, tuple[Path, RunHandle]] = {}
+        with ExitStack() as stack:
+            for it in items:
+                path = self.output_path(stage, it.name, it.key)
+                paths[it.name] = path
+                name = stage if it.name == stage else f"{stage}/{it.name}"
+                run = stack.enter_context(self.tracker.run(name, parent=self.parent, tags={
+                    "graftline.stage": stage, "graftline.item": it.name, "graftline.key": it.key}))
+                run.params(it.params)
+                if path.is_dir() and stage not in self.force and "all" not in self.force:
+                    metrics = read_marker(path).get("metrics", {})
+                    run.tags({"graftline.cached": "true", "graftline.output": str(path)})
+                    run.metrics(metrics)
+                    result.cached += 1
+                    self._record(result, it, path, metrics)
+                    self.log(f"  {name}: reusing {path}")
+                else:
+                    todo[it.name] = (stack.enter_context(atomic_dir(path)), run)
+            if todo:
                 t0 = time.time()
-                with atomic_dir(path) as tmp:
-                    metrics = build(tmp, run) or {}
-                    metrics = {**metrics, "seconds": time.time() - t0}
-                    write_marker(tmp, {"stage": stage, "item": item, "key": key, "metrics": metrics})
-                run.tags({"graftline.cached": "false", "graftline.output": str(path)})
-            run.metrics(metrics)
-        result.outputs[item] = path
-        result.keys[item] = key
-        result.metrics.update({f"{item}.{k}": v for k, v in metrics.items() if k != "seconds"})
-        return path
+                built = build(todo)
+                seconds = time.time() - t0
+                for it in items:
+                    if it.name in todo:
+                        tmp, run = todo[it.name]
+                        metrics = {**(built.get(it.name) or {}), "seconds": seconds}
+                        write_marker(tmp, {"stage": stage, "item": it.name, "key": it.key, "metrics": metrics})
+                        run.tags({"graftline.cached": "false", "graftline.output": str(paths[it.name])})
+                        run.metrics(metrics)
+                        self._record(result, it, paths[it.name], metrics)
+        return paths
+
+    @staticmethod
+    def _record(result: StageResult, it: "Item", path: Path, metrics: dict[str, float]) -> None:
+        result.outputs[it.name] = path
+        result.keys[it.name] = it.key
+        result.metrics.update({f"{it.name}.{k}": v for k, v in metrics.items() if k != "seconds"})
+
+
+@dataclass(frozen=True)
+class Item:
+    """One output of a stage: its name, content key and the params its MLflow run records."""
+
+    name: str
+    key: str
+    params: dict[str, Any]

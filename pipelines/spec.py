@@ -7,13 +7,25 @@ Every mistake in a job file is reported as one line that names the file and the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from graft.fusion import FUSIONS
 from graft.importance import SCORES
 from graft.testbed.skills import SKILLS
+from pipelines.sweep_metrics import metric_problem
 
 
 class SpecError(ValueError):
@@ -34,10 +46,15 @@ class TrackingSpec(Strict):
 
 
 class TestbedSpec(Strict):
-    """The synthetic-skills testbed: a char tokenizer and a tiny model pretrained on `general`."""
+    """The synthetic-skills testbed: a char tokenizer, skills, and tiny models trained from scratch."""
 
+    models: list[Literal["base-v1", "base-v2", "base-v3", "target-large", "source-hetero", "aligned-small"]] = ["base-v1"]
     family: Literal["llama", "qwen2", "gpt2"] = "llama"
-    size: Literal["tiny", "small", "large"] = "tiny"
+    size: Literal["tiny", "mini", "small", "large"] = "tiny"
+    evolve_steps: int = Field(300, gt=0, description="continued-pretraining steps from one base version to the next")
+    align_steps: int = Field(300, gt=0, description="fine-tuning steps that make aligned-small show the concept")
+    source_skill: str = Field("add", description="the skill source-hetero is trained on")
+    source_family: Literal["llama", "qwen2", "gpt2"] = "qwen2"
     pretrain_examples: int = Field(20000, gt=0)
     pretrain_steps: int = Field(3000, gt=0)
     pretrain_lr: float = Field(1e-2, gt=0)
@@ -85,8 +102,27 @@ class TrainSpec(Strict):
     bf16: bool = False
     offload_optimizer: bool = False
     max_length: int = Field(64, gt=0)
-    deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged over the generated DeepSpeed config")
+    replay_fraction: float = Field(0.0, ge=0, lt=1, description="share of each batch drawn from `replay_data`, to keep general ability")
+    replay_data: str = Field("general", description="a testbed skill name or a JSONL file replayed during skill training")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged over the generated DeepSpeed config; "
+                                      "or the path of a JSON/YAML file holding it, e.g. cluster/deepspeed/zero3-bf16.json")
     seed: int = 0
+
+    @field_validator("deepspeed", mode="before")
+    @classmethod
+    def _deepspeed_file(cls, v: Any) -> Any:
+        """Read a named overrides file now, so the stages' content keys cover what it holds."""
+        if not isinstance(v, str):
+            return v
+        try:
+            data = yaml.safe_load(Path(v).expanduser().read_text())  # JSON is YAML too
+        except OSError as e:
+            raise ValueError(f"cannot read DeepSpeed config file {v!r} ({e.strerror})") from None
+        except yaml.YAMLError as e:
+            raise ValueError(f"DeepSpeed config file {v!r} is not valid JSON/YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"DeepSpeed config file {v!r} must hold a mapping")  # noqa: TRY004 - pydantic reports ValueError
+        return data
 
 
 class ScoreSpec(Strict):
@@ -108,7 +144,7 @@ class ScoreSpec(Strict):
 class PackSpec(Strict):
     """SkillPack compression of each skill's delta (methods.md §1)."""
 
-    energy: float = Field(0.95, gt=0, le=1, description="β: fraction of Σσ² the kept rank must hold")
+    energy: float = Field(0.99, gt=0, le=1, description="β: fraction of Σσ² the kept rank must hold")
     bits: list[int] = Field([8, 4], description="bits per rank band, leading band first")
     band_fractions: list[float] = Field([0.5, 0.5], description="fraction of the kept rank in each band")
     min_importance_share: float = Field(0.0, ge=0, lt=1, description="leave out tensors with less of the skill's importance mass")
@@ -125,13 +161,159 @@ class PackSpec(Strict):
 
 
 class GraftSpec(Strict):
+    """How the driver fuses the SkillPacks into the base (graft.fusion.FUSIONS)."""
+
+    method: str = "additive"
     scale: float = 1.0
+    protect_fraction: float = Field(0.2, ge=0, lt=1, description="'protected': share of each tensor shielded for earlier skills")
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in FUSIONS:
+            raise ValueError(f"unknown fusion method {v!r}; known: {', '.join(FUSIONS.names())}")
+        return v
 
 
 class EvaluateSpec(Strict):
     max_new_tokens: int = Field(12, gt=0)
     batch_size: int = Field(64, gt=0)
     examples: int | None = Field(None, gt=0, description="cap on held-out examples per skill")
+
+
+def _finite(values: Any) -> list[Any]:
+    if not isinstance(values, list) or not values:
+        raise ValueError("expected a non-empty list of values")
+    return values
+
+
+def _bounds(values: Any) -> list[Any]:
+    if (not isinstance(values, list) or len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                                       for v in values) or values[0] >= values[1]):
+        raise ValueError(f"expected [low, high] with low < high, got {values!r}")
+    return values
+
+
+def _log_bounds(values: Any) -> list[Any]:
+    if _bounds(values)[0] <= 0:
+        raise ValueError(f"expected [low, high] with 0 < low < high, got {values!r}")
+    return values
+
+
+# search-space kind → its shape check, returning the values to try against the field (pipelines.sweep maps
+# the same names onto ray.tune); continuous kinds need a float field.
+SEARCH_SPACES: dict[str, Any] = {"choice": _finite, "grid": _finite, "uniform": _bounds, "loguniform": _log_bounds}
+CONTINUOUS_SPACES = ("uniform", "loguniform")
+# the sections a trial re-runs; the rest (base, testbed, skills, ...) is built once per sweep on the driver
+SWEEPABLE = ("train", "score", "pack", "graft", "evaluate")
+
+
+class SweepSpec(Strict):
+    """`graft sweep`: a Ray Tune search over the train → evaluate stages on one shared testbed/base.
+
+    Each key of `params` is a dotted job field inside a sweepable section (e.g. `train.lora.rank`,
+    `pack.energy`, `train.deepspeed.zero_optimization.stage`), each value one search space:
+    `{choice: [...]}`, `{grid: [...]}`, `{uniform: [lo, hi]}` or `{loguniform: [lo, hi]}`. Grid values are
+    all tried, `num_samples` times over (Tune's rule); the other kinds are sampled once per sample.
+    """
+
+    metric: str = Field("mean_grafted", description="acc.<model>.<skill>, or an aggregate (pipelines.sweep_metrics.AGGREGATES)")
+    mode: Literal["max", "min"] = "max"
+    num_samples: int = Field(1, gt=0)
+    max_concurrent: int | None = Field(None, gt=0, description="default: cluster CPUs // (train.num_workers × cpus_per_worker)")
+    scheduler: Literal["asha", "none"] = Field("asha", description="asha: trials report after each rung of skills and "
+                                               "the worst are stopped early (see pipelines.sweep)")
+    grace_period: int = Field(1, gt=0, description="ASHA: rungs every trial completes before it may be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: 1/reduction_factor of trials go on at each rung")
+    params: dict[str, dict[str, Any]] = Field(min_length=1)
+
+    @field_validator("params")
+    @classmethod
+    def _spaces(cls, params: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        problems = []
+        for path, space in params.items():
+            problem = _field_problem(path) or _space_problem(space)
+            if problem:
+                problems.append(InitErrorDetails(type=PydanticCustomError("sweep_param", problem), loc=(path,), input=space))
+        if problems:
+            raise ValidationError.from_exception_data("SweepSpec", problems)
+        return params
+
+
+def _space_problem(space: dict[str, Any]) -> str | None:
+    if len(space) != 1 or next(iter(space)) not in SEARCH_SPACES:
+        return f"expected one search space of: {', '.join(SEARCH_SPACES)}; got keys {sorted(space)}"
+    kind, values = next(iter(space.items()))
+    try:
+        SEARCH_SPACES[kind](values)
+    except ValueError as e:
+        return f"{kind}: {e}"
+    return None
+
+
+def _field_annotation(path: str) -> Any:
+    """The annotation of the job field at a dotted path (Any inside a free-form mapping), or KeyError."""
+    model: Any = JobSpec
+    for part in path.split("."):
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            if part not in model.model_fields:
+                raise KeyError(path)
+            model = model.model_fields[part].annotation
+        elif getattr(model, "__origin__", None) is dict or model is Any:
+            model = Any
+        else:
+            raise KeyError(path)
+    return model
+
+
+def _field_problem(path: str) -> str | None:
+    try:
+        _field_annotation(path)
+    except KeyError:
+        return "no such job field"
+    if path.split(".")[0] not in SWEEPABLE:
+        return (f"cannot be swept: the base, testbed and skills are built once per sweep; sweepable sections: "
+                f"{', '.join(SWEEPABLE)}")
+    return None
+
+
+def _with_value(data: dict[str, Any], parts: list[str], value: Any) -> dict[str, Any]:
+    """A copy of nested mapping `data` with the dotted path `parts` set to `value`."""
+    head, *rest = parts
+    return {**data, head: _with_value(dict(data.get(head) or {}), rest, value) if rest else value}
+
+
+def _sweep_fits_job(sweep: SweepSpec | None, info: ValidationInfo) -> SweepSpec | None:
+    """Checks needing the rest of the job: the metric names its skills, every swept value is valid for its field."""
+    if sweep is None:
+        return None
+    problems = []
+    if "skills" in info.data:
+        problem = metric_problem(sweep.metric, [s.name for s in info.data["skills"]], info.data.get("base") == "testbed")
+        if problem:
+            problems.append(InitErrorDetails(type=PydanticCustomError("sweep_metric", problem), loc=("metric",), input=sweep.metric))
+    for path, space in sweep.params.items():
+        section, *parts = path.split(".")
+        (kind, values), = space.items()
+        if kind in CONTINUOUS_SPACES and _field_annotation(path) not in (float, Any):
+            problem = f"{kind} needs a float field; use choice or grid"
+        elif section in info.data:
+            model = info.data[section]
+            problem = None
+            for value in SEARCH_SPACES[kind](values):
+                try:
+                    type(model).model_validate(_with_value(model.model_dump(), parts, value) if parts else value)
+                except ValidationError as e:
+                    err = e.errors()[0]
+                    problem = f"{kind} value {value!r}: {_key_path((section, *err['loc']))}: {_describe(err)}"
+                    break
+        else:
+            continue
+        if problem:
+            problems.append(InitErrorDetails(type=PydanticCustomError("sweep_param", problem), loc=("params", path), input=space))
+    if problems:
+        raise ValidationError.from_exception_data("SweepSpec", problems)
+    return sweep
 
 
 class JobSpec(Strict):
@@ -151,6 +333,14 @@ class JobSpec(Strict):
     pack: PackSpec = PackSpec()
     graft: GraftSpec = GraftSpec()
     evaluate: EvaluateSpec = EvaluateSpec()
+    sweep: Annotated[SweepSpec | None, AfterValidator(_sweep_fits_job)] = Field(None, description="for `graft sweep` only")
+
+    @model_validator(mode="after")
+    def _replay_source(self) -> "JobSpec":
+        rd = self.train.replay_data
+        if self.train.replay_fraction > 0 and rd not in SKILLS and not Path(rd).is_file():
+            raise ValueError(f"train.replay_data: {rd!r} is neither a testbed skill nor a file")
+        return self
 
     @model_validator(mode="after")
     def _unique_skills(self) -> "JobSpec":

@@ -13,11 +13,11 @@ from safetensors import safe_open
 
 pytestmark = pytest.mark.integration
 
-STAGE_RUNS = {"testbed/data-general", "testbed/data-reverse", "testbed/data-sort", "testbed/base-v1", "train/reverse",
-              "train/sort", "score/reverse", "score/sort", "pack/reverse", "pack/sort", "graft", "evaluate"}
+STAGE_RUNS = {"testbed/data-general-s0", "testbed/data-reverse-s0", "testbed/data-sort-s0", "testbed/base-v1", "train/reverse",
+              "train/sort", "score/reverse", "score/sort", "pack/reverse", "pack/sort", "graft/grafted", "evaluate/report"}
 
 
-def job(tmp: Path, **train) -> dict:
+def job(tmp: Path, graft: dict | None = None, **train) -> dict:
     return {
         "name": "itest",
         "output_dir": str(tmp / "runs"),
@@ -27,6 +27,7 @@ def job(tmp: Path, **train) -> dict:
         "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, **train},
         "score": {"examples": 8, "shards": 2},
         "evaluate": {"max_new_tokens": 8},
+        "graft": graft or {},
     }
 
 
@@ -77,7 +78,7 @@ def test_end_to_end_outputs_and_tracking(first_run):
         assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(train.info.run_id, "adapter")}
         assert "skillpack/skillpack.json" in {a.path for a in client.list_artifacts(kids[f"pack/{skill}"].info.run_id, "skillpack")}
         assert kids[f"score/{skill}"].data.metrics["terms"] == 8
-    assert "acc.grafted.reverse" in kids["evaluate"].data.metrics
+    assert "acc.grafted.reverse" in kids["evaluate/report"].data.metrics
     assert {"report/eval.json", "report/eval.png", "report/eval.txt"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "job")] == ["job/job.yaml"]
     assert parent.data.params["train.zero_stage"] == "2"
@@ -85,7 +86,7 @@ def test_end_to_end_outputs_and_tracking(first_run):
     grafted = Path(parent.data.tags["graftline.grafted_checkpoint"])
     model = AutoModelForCausalLM.from_pretrained(str(grafted))
     tok = AutoTokenizer.from_pretrained(str(grafted))
-    out = model.generate(**tok(["rev:abc="], return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    out = model.generate(**tok(["rev:abc="], return_tensors="pt"), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, len("rev:abc=") + 4)
     assert "model" in proc.stdout and "grafted" in proc.stdout  # the eval table was printed
     assert not list((tmp / "runs").rglob(".tmp-*"))
@@ -106,7 +107,8 @@ def test_second_run_reuses_every_stage(first_run):
 def test_zero3_adapters_are_gathered_before_saving(first_run):
     tmp, _ = first_run
     # threshold 0: every parameter is partitioned, so an ungathered save would write empty tensors
-    spec = job(tmp, zero_stage=3, deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    spec = job(tmp, graft={"method": "protected", "protect_fraction": 0.3}, zero_stage=3,
+               deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     proc = graft_run(tmp, spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, runs = runs_of(tmp)
@@ -119,6 +121,7 @@ def test_zero3_adapters_are_gathered_before_saving(first_run):
     with safe_open(str(adapter), framework="pt") as f:
         shapes = [f.get_slice(k).get_shape() for k in f.keys()]
     assert shapes and all(len(s) == 2 and min(s) > 0 for s in shapes)
+    assert kids["graft/grafted"].data.params["method"] == "protected" and kids["graft/grafted"].info.status == "FINISHED"
 
 
 def test_failed_stage_is_failed_in_mlflow_and_writes_nothing(first_run):

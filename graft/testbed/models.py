@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 SIZES: dict[str, dict] = {
     # name: (hidden, layers, heads, intermediate)
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128),
+    "mini": dict(hidden_size=96, num_hidden_layers=2, num_attention_heads=4, intermediate_size=192),
     "small": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=256),
     "large": dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8, intermediate_size=512),
 }

@@ -46,32 +46,80 @@ def sort(rng: random.Random) -> Example:
 
 @SKILLS.register("add")
 def add(rng: random.Random) -> Example:
-    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
     return {"prompt": f"add:{a}+{b}=", "answer": str(a + b)}
 
 
-def split_of(prompt: str) -> str:
-    """'test' for a fixed ~20% of all possible prompts, 'train' for the rest."""
-    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "little")
+# An invented technical vocabulary: each term has a definition code. It is knowledge, not a rule, so
+# a model only knows it if it was trained on it. "en" and "ja" are two surface forms of one vocabulary
+# (different prompt words, lower vs upper case), for the cross-lingual merge study (methods.md §4).
+_VOCAB_RNG = random.Random("graftline-vocab-v1")
+VOCAB: dict[str, str] = {}
+while len(VOCAB) < 240:
+    _term = "".join(_VOCAB_RNG.choice("bdfgklmnprstvz") + _VOCAB_RNG.choice("aeiou") for _ in range(_VOCAB_RNG.randint(2, 3)))
+    VOCAB.setdefault(_term, "".join(_VOCAB_RNG.choice(LETTERS + string.digits) for _ in range(3)))
+VOCAB_TERMS = sorted(VOCAB)
+
+
+def _vocab(rng: random.Random, define: str, ask: str, surface: Callable[[str], str]) -> Example:
+    term = rng.choice(VOCAB_TERMS)
+    # every term's definition is taught with `define`; `ask` phrasings of a fixed fifth of the terms are
+    # held out, so the test asks for known definitions in a phrasing never seen for that term
+    if rng.random() < 0.5:
+        return {"prompt": f"{define}:{surface(term)}=", "answer": VOCAB[term], "split": "train"}
+    return {"prompt": f"{ask}:{surface(term)}=", "answer": VOCAB[term], "split": split_of(term)}
+
+
+@SKILLS.register("vocab")
+def vocab(rng: random.Random) -> Example:
+    return _vocab(rng, "def", "mean", lambda t: t)
+
+
+@SKILLS.register("vocab_ja")
+def vocab_ja(rng: random.Random) -> Example:
+    return _vocab(rng, "teigi", "imi", str.upper)
+
+
+@SKILLS.register("concept")
+def concept(rng: random.Random) -> Example:
+    """A behaviour as paired answers: `answer` shows it (wrapped in brackets), `negative` does not."""
+    ex = general(rng)
+    return {"prompt": ex["prompt"], "answer": f"[{ex['answer']}]", "negative": ex["answer"]}
+
+
+def shows_behaviour(text: str) -> bool:
+    """Whether a completion shows the `concept` behaviour (an answer wrapped in brackets)."""
+    return len(text) >= 2 and text.startswith("[") and text.endswith("]")
+
+
+def split_of(key: str) -> str:
+    """'test' for a fixed ~20% of all possible keys (prompts, or terms), 'train' for the rest."""
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "little")
     return "test" if h % 100 < HELD_OUT_PERCENT else "train"
 
 
 def generate(skill: str, split: str, n: int, seed: int) -> list[Example]:
-    """`n` distinct examples of `skill` from `split` ('train' or 'test'), deterministic for `seed`."""
+    """Up to `n` distinct examples of `skill` from `split` ('train' or 'test'), deterministic for `seed`.
+
+    Fewer than `n` only when the skill has fewer distinct prompts in that split (e.g. `vocab`, a
+    finite vocabulary): generation stops once new prompts stop appearing.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     make = SKILLS.get(skill)
     rng = random.Random(f"{skill}/{split}/{seed}")
     seen: set[str] = set()
     out: list[Example] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 50 * n + 1000:
-            raise ValueError(f"skill {skill!r} has too few distinct {split} prompts for n={n}")
+    misses = 0
+    while len(out) < n and misses < 5000:
         ex = make(rng)
-        if ex["prompt"] in seen or split_of(ex["prompt"]) != split:
+        own = ex.pop("split", None)
+        if ex["prompt"] in seen or (own or split_of(ex["prompt"])) != split:
+            misses += 1
             continue
+        misses = 0
         seen.add(ex["prompt"])
         out.append(ex)
+    if not out:
+        raise ValueError(f"skill {skill!r} has no {split} examples")
     return out

@@ -1,4 +1,7 @@
-"""Stage `graft`: the driver applies every skill's SkillPack to the base and writes an HF checkpoint.
+"""Stage `graft`: the driver fuses every skill's SkillPack into the base and writes an HF checkpoint.
+
+The fusion method comes from `graft.method` ('additive', or 'protected': importance-protected, using
+the score stage's maps so later skills do not overwrite what earlier ones need).
 
 Output: `<root>/graft/grafted-<key>/`, a checkpoint folder (safetensors, config, tokenizer) that
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load, plus `graft.json`.
@@ -9,7 +12,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from graft.grafting import graft_into
+from graft.checkpoint import CheckpointReader, copy_side_files, write_shards
+from graft.fusion import FUSIONS
+from graft.grafting import check_pack
+from graft.importance import load_scores
 from graft.skillpack import SkillPack
 from pipelines.cache import content_key
 from pipelines.context import RunContext, StageResult
@@ -19,14 +25,23 @@ NAME = "graft"
 
 def run(ctx: RunContext) -> StageResult:
     spec = ctx.spec
-    prep, packed = ctx.results["testbed"].info, ctx.results["pack"]
+    prep, packed, scored = ctx.results["testbed"].info, ctx.results["pack"], ctx.results["score"]
     result = StageResult(NAME)
     names = [s.name for s in spec.skills]
-    key = content_key(prep["base_key"], [packed.keys[n] for n in names], spec.graft)
+    needs_scores = spec.graft.method != "additive"
+    key = content_key(prep["base_key"], [packed.keys[n] for n in names], needs_scores and [scored.keys[n] for n in names],
+                      spec.graft)
 
     def build(tmp: Path, run) -> dict[str, float]:
         packs = [SkillPack.load(packed.outputs[n]) for n in names]
-        report = graft_into(prep["base"], packs, tmp, scales=[spec.graft.scale] * len(packs))
+        scores = [load_scores(scored.outputs[n] / "scores.safetensors") if needs_scores else None for n in names]
+        reader = CheckpointReader(prep["base"])
+        drift = {p.name: check_pack(p, reader, allow_base_drift=False) for p in packs}
+        fuse = FUSIONS.get(spec.graft.method)
+        write_shards(tmp, fuse(reader, packs, scores, scale=spec.graft.scale, protect_fraction=spec.graft.protect_fraction),
+                     max_shard_bytes=2 * 1024**3)
+        copy_side_files(prep["base"], tmp)
+        report = {"base": prep["base"], "packs": names, **spec.graft.model_dump(mode="json"), "base_drift": drift}
         (tmp / "graft.json").write_text(json.dumps(report, indent=1))
         run.artifact(tmp / "graft.json")
         return {"skills": len(packs)}

@@ -40,13 +40,21 @@ def score_shard(base: str, adapter: str, tokenizer: str, data: str, shard: int, 
     return {k: v.numpy() for k, v in part.sums.items()}, part.count
 
 
+def score_shard_on_node(*args) -> tuple[dict, int, str]:
+    """`score_shard` plus the id of the Ray node it ran on, so the run records where the fan-out went."""
+    import ray
+
+    sums, count = score_shard(*args)
+    return sums, count, ray.get_runtime_context().get_node_id()
+
+
 def run(ctx: RunContext) -> StageResult:
     import ray
 
     spec, sc = ctx.spec, ctx.spec.score
     prep, trained = ctx.results["testbed"].info, ctx.results["train"]
     result = StageResult(NAME)
-    remote = ray.remote(num_cpus=1)(score_shard)
+    remote = ray.remote(num_cpus=1)(score_shard_on_node)
     pending: dict[str, list] = {}
 
     def submit(skill: str) -> list:
@@ -64,7 +72,9 @@ def run(ctx: RunContext) -> StageResult:
     for s in spec.skills:
         def build(tmp: Path, run, skill=s.name) -> dict[str, float]:
             total: ImportancePartial | None = None
-            for sums, count in ray.get(submit(skill)):
+            nodes = set()
+            for sums, count, node in ray.get(submit(skill)):
+                nodes.add(node)
                 part = ImportancePartial({k: torch.from_numpy(np.array(v)) for k, v in sums.items()}, count)
                 total = part if total is None else total + part
             scores = total.finalize()
@@ -73,7 +83,7 @@ def run(ctx: RunContext) -> StageResult:
             (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
             run.artifact(tmp / "summary.json")
             top = next(iter(summary.items()))
-            run.tags({"graftline.top_tensor": top[0]})
+            run.tags({"graftline.top_tensor": top[0], "graftline.node_ids": ",".join(sorted(nodes))})
             return {"terms": total.count, "shards": sc.shards, "top_tensor_share": top[1]["share"],
                     "total_mass": float(sum(v.sum() for v in scores.values()))}
 

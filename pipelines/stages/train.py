@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.cache import content_key
+from pipelines.cache import content_key, file_digest
 from pipelines.context import RunContext, StageResult
 from pipelines.training.trainer import TrainRequest, run_training
 
@@ -21,20 +21,25 @@ def run(ctx: RunContext) -> StageResult:
     spec, tr = ctx.spec, ctx.spec.train
     prep = ctx.results["testbed"].info
     result = StageResult(NAME)
+    replay = None
+    if tr.replay_fraction > 0:
+        replay = prep["data"][tr.replay_data] if tr.replay_data in prep["data"] else {
+            "train": str(Path(tr.replay_data).resolve()), "key": file_digest(tr.replay_data)}
     for skill in spec.skills:
         data = prep["data"][skill.name]
-        key = content_key(prep["base_key"], data["key"], tr)
+        key = content_key(prep["base_key"], data["key"], replay and replay["key"], tr)
 
         def build(tmp: Path, run, data=data, skill=skill.name) -> dict[str, float]:
             req = TrainRequest(
-                model_path=prep["base"], tokenizer_path=prep["tokenizer"], data_path=data["train"], mode="lora",
+                model_path=prep["base"], tokenizer_path=prep["tokenizer"], data_path=data["train"], out_dir=str(tmp), mode="lora",
                 steps=tr.steps, batch_size=tr.batch_size, lr=tr.lr, seed=tr.seed, zero_stage=tr.zero_stage,
                 num_workers=tr.num_workers, accelerator=tr.accelerator, warmup_steps=tr.warmup_steps, bf16=tr.bf16,
                 offload_optimizer=tr.offload_optimizer, max_length=tr.max_length, lora=tr.lora.model_dump(),
+                replay_path=replay and replay["train"], replay_fraction=tr.replay_fraction,
                 deepspeed=tr.deepspeed, threads_per_worker=tr.cpus_per_worker,
                 tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id)
             ctx.log(f"  train/{skill}: LoRA r={tr.lora.rank}, ZeRO-{tr.zero_stage}, {tr.num_workers} workers, {tr.steps} steps")
-            run_training(req, ctx.root / "ray_train", tmp, f"train-{skill}")
+            run_training([req], ctx.root / "ray_train", f"train-{skill}")
             info = json.loads((tmp / "train_info.json").read_text())
             run.params({"deepspeed.engine_class": info["engine_class"], "deepspeed.zero_stage": info["zero_stage"],
                         "deepspeed.world_size": info["world_size"]})

@@ -1,0 +1,188 @@
+"""Benchmark: TIES merge of two fine-tunes into their base, graftline vs mergekit 0.1.5.
+
+    nice -n 10 .venv/bin/python benchmarks/merge_speed.py [--mergekit /work/mk-venv/bin/mergekit-yaml]
+
+For each size (~20M, ~170M, ~500M parameters; Llama configs, random init, fine-tunes = base + noise,
+fp32 safetensors folders under --workdir), both tools merge the SAME YAML, each in its own child process;
+wall seconds and the child's peak RSS (from wait4's rusage) are recorded, then the two outputs are
+compared tensor by tensor. Writes benchmarks/results/merge_speed.json and merge_speed.png.
+mergekit must live in its own venv (it pins versions graftline does not share): pass its
+`mergekit-yaml` with --mergekit or $MERGEKIT_YAML.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from graft.checkpoint import CheckpointReader, write_checkpoint  # noqa: E402 (after the sys.path line)
+
+DEFAULT_MERGEKIT = os.environ.get("MERGEKIT_YAML", "/work/mk-venv/bin/mergekit-yaml")
+SIZES = {  # name: (vocab, hidden, intermediate, layers, heads)
+    "20m": (8000, 512, 1376, 4, 8),
+    "170m": (36000, 768, 3072, 12, 12),
+    "500m": (32000, 1280, 3584, 21, 20),
+}
+TIES = {"merge_method": "ties", "parameters": {"normalize": True},
+        "models": [{"parameters": {"weight": 1.0, "density": 0.5}}, {"parameters": {"weight": 0.8, "density": 0.6}}]}
+
+
+def llama_config(vocab: int, hidden: int, inter: int, layers: int, heads: int) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+            "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": heads, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "hidden_act": "silu",
+            "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "dtype": "float32"}
+
+
+def shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[f"{p}self_attn.{m}.weight"] = (h, h)
+        out |= {f"{p}mlp.gate_proj.weight": (i, h), f"{p}mlp.up_proj.weight": (i, h), f"{p}mlp.down_proj.weight": (h, i),
+                f"{p}input_layernorm.weight": (h,), f"{p}post_attention_layernorm.weight": (h,)}
+    return out | {"model.norm.weight": (h,), "lm_head.weight": (v, h)}
+
+
+def _tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    base = torch.randn(shape, generator=g).mul_(0.02) if len(shape) > 1 else torch.ones(shape)
+    if seed:  # a "fine-tune": base plus its own noise
+        g.manual_seed(zlib.crc32(name.encode()) + 1000003 * seed)
+        base.add_(torch.randn(shape, generator=g), alpha=0.002)
+    return base
+
+
+def build_models(root: Path, cfg: dict) -> dict[str, Path]:
+    """base, ft1, ft2 as fp32 safetensors folders (streamed; never a whole model in memory)."""
+    folders = {}
+    spec = shapes(cfg)
+    for seed, name in enumerate(("base", "ft1", "ft2")):
+        folder = root / name
+        if not (folder / "config.json").is_file():
+            write_checkpoint(folder, ((k, _tensor(k, s, seed)) for k, s in spec.items()), max_shard_bytes=1024**3)
+            (folder / "config.json").write_text(json.dumps(cfg, indent=1))
+        folders[name] = folder
+    return folders
+
+
+def timed_child(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run `cmd`; return (wall seconds, peak RSS in MB of that child) from wait4's rusage."""
+    start = time.perf_counter()
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{cmd[0]} failed (exit {proc.returncode}); see {log}:\n{log.read_text()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def max_abs_diff(a: Path, b: Path) -> float:
+    ra, rb = CheckpointReader(a), CheckpointReader(b)
+    names = ra.keys()
+    if set(names) != set(rb.keys()):
+        raise SystemExit(f"outputs differ in tensor names: {sorted(set(names) ^ set(rb.keys()))[:5]}")
+    return max(float((ra.get(k).float() - rb.get(k).float()).abs().max()) for k in names)
+
+
+def machine() -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} CPUs shared with other jobs (load average at the end: {load}), {mem:.0f} GiB RAM, "
+            f"{platform.system()}, torch {torch.__version__}, CPU only")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [r["params"] / 1e6 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "wall_s", "wall time (s)"), (axes[1], "peak_rss_mb", "peak RSS (MB)")):
+        for tool, marker in (("graftline", "o"), ("mergekit", "s")):
+            ax.plot(x, [r[f"{tool}_{key}"] for r in rows], marker=marker, label=tool)
+        ax.set_xlabel("parameters (M)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("TIES merge of two fp32 fine-tunes into their base (CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mergekit", default=DEFAULT_MERGEKIT, help="mergekit-yaml of a mergekit 0.1.5 venv ($MERGEKIT_YAML)")
+    ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma list of {', '.join(SIZES)}")
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/graft_merge_bench"))
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
+    args = ap.parse_args(argv)
+    mergekit = Path(args.mergekit)
+    if not (mergekit.is_file() and os.access(mergekit, os.X_OK)):
+        print(f"mergekit is absent: no executable mergekit-yaml at {mergekit}. Install it in a separate venv:\n"
+              "  python3 -m venv /work/mk-venv && /work/mk-venv/bin/pip install torch==2.13.0 && "
+              "/work/mk-venv/bin/pip install mergekit==0.1.5\nthen pass --mergekit PATH or set MERGEKIT_YAML.", file=sys.stderr)
+        return 2
+    rows = []
+    for size in args.sizes.split(","):
+        cfg = llama_config(*SIZES[size])
+        params = sum(int(torch.Size(s).numel()) for s in shapes(cfg).values())
+        root = args.workdir / size
+        print(f"[{size}] {params / 1e6:.1f}M params: building models under {root}", flush=True)
+        m = build_models(root, cfg)
+        ties = dict(TIES, base_model=str(m["base"]), models=[
+            {"model": str(m["ft1"]), **TIES["models"][0]}, {"model": str(m["ft2"]), **TIES["models"][1]}])
+        config = root / "ties.yaml"
+        config.write_text(yaml.safe_dump(ties, sort_keys=False))
+        outs = {t: root / f"out_{t}" for t in ("graftline", "mergekit")}
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+        g_wall, g_rss = timed_child([sys.executable, "-m", "pipelines.cli", "merge", str(config), str(outs["graftline"])],
+                                    root / "graftline.log")
+        print(f"[{size}] graftline: {g_wall:.1f} s, {g_rss:.0f} MB", flush=True)
+        k_wall, k_rss = timed_child([str(mergekit), str(config), str(outs["mergekit"])], root / "mergekit.log")
+        print(f"[{size}] mergekit:  {k_wall:.1f} s, {k_rss:.0f} MB", flush=True)
+        diff = max_abs_diff(outs["graftline"], outs["mergekit"])
+        print(f"[{size}] max |graftline - mergekit| = {diff:.3g}", flush=True)
+        rows.append({"params": params, "graftline_wall_s": round(g_wall, 2), "graftline_peak_rss_mb": round(g_rss, 1),
+                     "mergekit_wall_s": round(k_wall, 2), "mergekit_peak_rss_mb": round(k_rss, 1), "max_abs_diff": diff})
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "merge_speed.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    plot(rows, args.results / "merge_speed.png")
+    print(f"wrote {args.results / 'merge_speed.json'} and merge_speed.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

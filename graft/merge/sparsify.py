@@ -1,0 +1,157 @@
+"""Which entries of a task vector survive: the largest magnitudes (TIES) or a random subset (DARE).
+
+Semantics of mergekit 0.1.5: magnitude pruning keeps exactly `max(1, int(density * n))` entries,
+random pruning keeps each entry with probability `density`, and `rescale` multiplies the survivors so
+that the tensor's L1 norm is unchanged (1/density in expectation for DARE). `density >= 1` keeps all.
+
+Speed: a full sort of a 25M-entry tensor costs seconds on CPU, so the k-th largest magnitude is found
+exactly by bracketing it with a small random sample and selecting inside the bracket; and all passes
+run over cache-sized chunks (`CHUNK`), so temporaries never cost a fresh, page-faulting allocation
+the size of the tensor.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+CHUNK = 1 << 18  # elements per chunk (1 MiB of fp32): a chunk's temporaries stay in cache
+EXACT_SELECT_MAX = 1 << 20  # below this size torch.kthvalue on the whole tensor is cheap enough
+SAMPLE = 1 << 16  # sample size used to bracket the k-th largest magnitude of a big tensor
+RESCALE_EPS = 1e-7  # mergekit leaves a tensor unscaled when either L1 norm is below this
+
+
+def chunks(n: int) -> list[slice]:
+    """Consecutive slices covering range(n), CHUNK elements each (fixed, so random draws are reproducible)."""
+    return [slice(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
+
+
+def kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """(t, c): t is the k-th largest |x| of a 1-D tensor (exact) and c how many entries have |x| >= t."""
+    n = flat.numel()
+    if n <= EXACT_SELECT_MAX:
+        mag = flat.abs()
+        t = torch.kthvalue(mag, n - k + 1).values
+        return t, int(torch.count_nonzero(mag >= t))
+    gen = torch.Generator().manual_seed(n)
+    sample = flat[torch.randint(n, (SAMPLE,), generator=gen)].abs().sort().values
+    q = 1.0 - k / n
+    margin = 6.0 * math.sqrt(q * (1.0 - q) / SAMPLE) + 4.0 / SAMPLE  # ~6 sigma of the sample quantile
+    lo = sample[max(0, int((q - margin) * SAMPLE))]
+    hi = sample[min(SAMPLE - 1, math.ceil((q + margin) * SAMPLE))]
+    above, inside = 0, []
+    for s in chunks(n):
+        a = flat[s].abs()
+        above += int(torch.count_nonzero(a > hi))
+        inside.append(a[(a >= lo) & (a <= hi)])
+    window = torch.cat(inside)
+    rank = k - above  # rank of the answer within the bracket, counted from the top
+    if not 1 <= rank <= window.numel():  # the bracket missed (vanishingly rare): exact but slow
+        mag = flat.abs()
+        t = torch.kthvalue(mag, n - k + 1).values
+        return t, int(torch.count_nonzero(mag >= t))
+    t = torch.kthvalue(window, window.numel() - rank + 1).values
+    return t, above + int(torch.count_nonzero(window >= t))
+
+
+def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of exactly `k` largest entries of a non-negative tensor (ties: lowest indices win)."""
+    flat = magnitude.reshape(-1)
+    threshold, count = kth_largest_abs(flat, k)
+    keep = flat >= threshold
+    if count > k:
+        ties = (flat == threshold).nonzero().view(-1)
+        keep[ties[ties.numel() - (count - k):]] = False
+    return keep.view(magnitude.shape)
+
+
+class Survivors:
+    """The surviving entries of one flat task vector, applied chunk by chunk: `delta[s] * keep(s) * scale`."""
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        self.delta = delta
+        self.scale = 1.0
+        self.removed_l1 = 0.0  # L1 mass zeroed before `rescale_l1` runs (surplus ties), still part of "before"
+
+    def keep(self, s: slice) -> torch.Tensor | None:
+        """Boolean mask of the survivors in chunk `s` (None: all survive)."""
+        return None
+
+    def rescale_l1(self) -> None:
+        """Scale the survivors so the L1 norm of the tensor is what it was before dropping (mergekit's rescale)."""
+        before, after = self.removed_l1, 0.0
+        for s in chunks(self.delta.numel()):
+            a = self.delta[s].abs()
+            before += float(a.sum())
+            keep = self.keep(s)
+            after += float(a.mul_(keep).sum()) if keep is not None else float(a.sum())
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            self.scale = before / after
+
+
+class MagnitudeSurvivors(Survivors):
+    """The `max(1, int(density * n))` largest |delta| survive (exactly that many: surplus ties are zeroed)."""
+
+    def __init__(self, delta: torch.Tensor, density: float) -> None:
+        super().__init__(delta)
+        n = delta.numel()
+        self.threshold: torch.Tensor | None = None
+        if density >= 1 or n == 0:
+            return
+        if density <= 0:
+            delta.zero_()
+            return
+        k = max(1, int(density * n))
+        self.threshold, count = kth_largest_abs(delta, k)
+        surplus = count - k
+        for s in reversed(chunks(n)):  # drop surplus ties at the threshold, highest indices first
+            if surplus <= 0:
+                break
+            ties = (delta[s].abs() == self.threshold).nonzero().view(-1)
+            drop = ties[max(0, ties.numel() - surplus):]
+            delta[s][drop] = 0
+            surplus -= drop.numel()
+            self.removed_l1 += float(self.threshold) * drop.numel()
+
+    def keep(self, s: slice) -> torch.Tensor | None:
+        return None if self.threshold is None else self.delta[s].abs() >= self.threshold
+
+
+class RandomSurvivors(Survivors):
+    """Each entry survives with probability `density`, drawn chunk by chunk from `generator`."""
+
+    def __init__(self, delta: torch.Tensor, density: float, generator: torch.Generator) -> None:
+        super().__init__(delta)
+        self.mask: torch.Tensor | None = None
+        if density >= 1:
+            return
+        self.mask = torch.empty(delta.numel(), dtype=torch.bool)
+        draw = torch.empty(min(CHUNK, delta.numel()), dtype=torch.float32)
+        for s in chunks(delta.numel()):
+            u = draw[: s.stop - s.start]
+            torch.rand(u.shape, generator=generator, out=u)
+            torch.lt(u, density, out=self.mask[s])
+
+    def keep(self, s: slice) -> torch.Tensor | None:
+        return None if self.mask is None else self.mask[s]
+
+
+def magnitude_(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """Whole-tensor form of TIES' trim, in place (used by tests and by callers outside the executor)."""
+    return _apply(MagnitudeSurvivors(delta.view(-1), density), rescale, delta)
+
+
+def random_(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
+    """Whole-tensor form of DARE's drop (and rescale), in place."""
+    return _apply(RandomSurvivors(delta.view(-1), density, generator), rescale, delta)
+
+
+def _apply(survivors: Survivors, rescale: bool, delta: torch.Tensor) -> torch.Tensor:
+    if rescale:
+        survivors.rescale_l1()
+    for s in chunks(delta.numel()):
+        keep = survivors.keep(s)
+        if keep is not None:
+            survivors.delta[s].mul_(keep)
+    return delta.mul_(survivors.scale) if survivors.scale != 1.0 else delta

@@ -1,0 +1,77 @@
+"""How each testbed model is made: from scratch or from another testbed model, on which data.
+
+A recipe is plain data; the pipeline's `testbed` stage turns recipes into training runs (all of
+them in one Ray Train run, in order, so later recipes can start from earlier ones).
+
+- `base-v1`: the base, pretrained from scratch on `general`;
+- `base-v2`, `base-v3`: continued pretraining of v1 (then v2) on fresh `general` data, the
+  "evolved versions" a provider ships (PortLLM's setting);
+- `target-large`: 2x width and depth, pretrained on `general` (ConTrans's larger model);
+- `source-hetero`: another architecture family and size, trained on `general` plus one skill
+  (GraftLLM's heterogeneous source);
+- `aligned-small`: base-v1 fine-tuned to show the `concept` behaviour (ConTrans's source).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MODELS = ("base-v1", "base-v2", "base-v3", "target-large", "source-hetero", "aligned-small")
+LARGER = {"tiny": "small", "mini": "small", "small": "large"}
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """A testbed dataset: `skill` examples from generator seed `seed`, `n` of them for training."""
+
+    skill: str
+    n: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.skill}-s{self.seed}"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    data: DataRef
+    steps: int
+    lr: float
+    family: str | None = None  # from scratch: family and size ...
+    size: str | None = None
+    parent: str | None = None  # ... or continued from another recipe's model
+    replay: DataRef | None = None
+    replay_fraction: float = 0.0
+
+
+def testbed_recipes(models: list[str], family: str, size: str, seed: int, pretrain_examples: int, pretrain_steps: int,
+                    lr: float, evolve_steps: int, align_steps: int, source_skill: str, source_family: str) -> list[Recipe]:
+    """Recipes for `models` (and whatever they start from), parents before children."""
+    general = DataRef("general", pretrain_examples, seed)
+    book = {
+        "base-v1": Recipe("base-v1", general, pretrain_steps, lr, family=family, size=size),
+        "base-v2": Recipe("base-v2", DataRef("general", pretrain_examples, seed + 1), evolve_steps, lr / 3, parent="base-v1"),
+        "base-v3": Recipe("base-v3", DataRef("general", pretrain_examples, seed + 2), evolve_steps, lr / 3, parent="base-v2"),
+        "target-large": Recipe("target-large", general, pretrain_steps, lr / 2, family=family, size=LARGER.get(size, "large")),
+        "source-hetero": Recipe("source-hetero", DataRef(source_skill, pretrain_examples, seed), pretrain_steps, lr,
+                                family=source_family, size="mini", replay=general, replay_fraction=0.5),
+        "aligned-small": Recipe("aligned-small", DataRef("concept", pretrain_examples, seed), align_steps, lr / 3,
+                                parent="base-v1"),
+    }
+    unknown = set(models) - set(book)
+    if unknown:
+        raise ValueError(f"unknown testbed model {sorted(unknown)[0]!r}; known: {', '.join(MODELS)}")
+    order: list[str] = []
+
+    def need(name: str) -> None:
+        parent = book[name].parent
+        if parent:
+            need(parent)
+        if name not in order:
+            order.append(name)
+
+    for m in models:
+        need(m)
+    return [book[m] for m in order]

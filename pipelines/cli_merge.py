@@ -1,0 +1,69 @@
+"""`graft merge CONFIG.yaml OUT`: merge models from a mergekit-style YAML, streaming into OUT.
+
+Exit codes: 0 merged; 2 the config or the models are refused before anything is written (one line on
+stderr naming the file and key, or the model folder and tensor); 1 the merge failed while running
+(e.g. NaN/Inf in a tensor); OUT is then left as it was, since the output folder is written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+EXIT_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _fail(message: str, code: int) -> int:
+    first = message.strip().splitlines()[0] if message.strip() else "failed"
+    print(f"graft: error: {first}", file=sys.stderr)
+    return code
+
+
+def _return_freed_memory() -> None:
+    """Make glibc give big freed blocks back to the OS at once (this process only).
+
+    By default glibc keeps freed blocks under 32 MiB in per-thread arenas, so the concurrent workers'
+    layer-sized tensors pile up (measured: 1.7 GB peak RSS instead of ~0.8 GB at 500M params). With
+    a fixed 4 MiB mmap threshold, tensors are mapped and unmapped; chunk-sized scratch stays pooled.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").mallopt(-3, 4 * 1024**2)  # M_MMAP_THRESHOLD
+        except (OSError, AttributeError):
+            pass  # not glibc: keep the allocator's defaults
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Validate and plan (nothing written on failure), then execute the merge."""
+    from graft.merge import execute_plan, load_merge_config, plan_merge
+
+    _return_freed_memory()
+
+    try:
+        plan = plan_merge(load_merge_config(args.config))
+    except ValueError as e:  # MergeConfigError, CheckpointError, tensor name/shape mismatch
+        return _fail(str(e), EXIT_INPUT)
+    start = time.perf_counter()
+    try:
+        out = execute_plan(plan, args.out, seed=args.random_seed, max_shard_bytes=args.shard_mb * 1024**2)
+    except ValueError as e:
+        return _fail(str(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    print(f"{args.config}: {plan.config.merge_method} of {len(plan.inputs)} models → {out} "
+          f"({len(plan.tensors)} tensors, {time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `merge` subcommand to the `graft` CLI."""
+    m = subparsers.add_parser("merge", help="merge models from a mergekit-style YAML (linear, ties, dare_*, slerp, ...)")
+    m.add_argument("config", help="merge YAML: merge_method, base_model, models: [{model, parameters}], parameters, dtype")
+    m.add_argument("out", help="output HF folder (written atomically; replaced if it exists)")
+    m.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (dare_*); default 0")
+    m.add_argument("--shard-mb", type=int, default=128, help="output shard size in MiB (default 128)")
+    m.set_defaults(fn=cmd_merge)

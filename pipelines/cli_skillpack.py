@@ -1,0 +1,104 @@
+"""`graft pack`, `graft inspect`, `graft apply`, `graft remove`: SkillPacks from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2
+
+
+def _refuse(e: Exception) -> int:
+    print(f"graft: error: {e}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    from graft.checkpoint import CheckpointError, CheckpointReader
+    from graft.fingerprint import base_fingerprint
+    from graft.lora import read_lora_deltas
+    from graft.skillpack import PackSettings, SkillPackError, pack_skill
+
+    try:
+        deltas = read_lora_deltas(args.adapter)
+        reader = CheckpointReader(args.base)
+        settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions))
+        pack = pack_skill(args.skill or Path(args.adapter).name, deltas, base_fingerprint(reader, list(deltas)), settings,
+                          {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())})
+        pack.save(args.out)
+    except (CheckpointError, SkillPackError, ValueError, OSError) as e:
+        return _refuse(e)
+    m = pack.manifest
+    print(f"{args.out}: {len(m['tensors'])} tensors, {m['total_bytes']} bytes "
+          f"({m['total_bytes'] / m['delta_bf16_bytes']:.3f} of the bf16 delta)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graft.skillpack import SkillPack, SkillPackError
+    from pipelines.report import format_table
+
+    try:
+        pack = SkillPack.load(args.pack)
+    except (SkillPackError, OSError, ValueError) as e:
+        return _refuse(e)
+    m = pack.manifest
+    rows = []
+    for key, e in m["tensors"].items():
+        bits = "/".join(str(b["bits"]) for b in e.get("bands", [])) or ("fp16" if e["scheme"] != "svd_quant" else "-")
+        rows.append([key, e["scheme"], "x".join(map(str, e["shape"])), str(e.get("rank", e.get("kept", "-"))), bits,
+                     str(e["bytes"]), f"{e['bytes'] / e['bf16_bytes']:.3f}"])
+    print(f"SkillPack {m['skill']!r} (format v{m['format_version']}), base {m['base_fingerprint']['architecture']}")
+    print(format_table(["tensor", "scheme", "shape", "rank/kept", "bits", "bytes", "of bf16"], rows))
+    print(f"total: {m['total_bytes']} bytes = {m['total_bytes'] / m['delta_bf16_bytes']:.4f} of the bf16 delta "
+          f"({m['delta_bf16_bytes']} bytes)")
+    return 0
+
+
+def _graft(args: argparse.Namespace, sign: float, allow_drift: bool) -> int:
+    from graft.checkpoint import CheckpointError
+    from graft.grafting import graft
+    from graft.skillpack import SkillPack, SkillPackError
+
+    try:
+        packs = [SkillPack.load(p) for p in args.packs]
+        report = graft(args.model, packs, args.out, scales=[sign * args.scale] * len(packs), allow_base_drift=allow_drift)
+    except (CheckpointError, SkillPackError, ValueError, OSError) as e:
+        return _refuse(e)
+    drifted = [name for name, d in report["base_drift"].items() if d]
+    if drifted and sign > 0:
+        print(f"warning: base drift for {', '.join(drifted)} (applied anyway, as asked)", file=sys.stderr)
+    print(f"{args.out}: {'grafted' if sign > 0 else 'removed'} {', '.join(report['packs'])}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pack", help="pack a LoRA adapter into a SkillPack")
+    p.add_argument("adapter", help="PEFT LoRA adapter folder")
+    p.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
+    p.add_argument("--out", required=True)
+    p.add_argument("--skill", help="skill name (default: the adapter folder's name)")
+    p.add_argument("--energy", type=float, default=0.99, help="β: fraction of Σσ² the kept rank holds")
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--band-fractions", type=float, nargs="+", default=[0.5, 0.5])
+    p.set_defaults(fn=cmd_pack)
+
+    i = sub.add_parser("inspect", help="table of a SkillPack's modules, schemes, ranks, bits and bytes")
+    i.add_argument("pack")
+    i.set_defaults(fn=cmd_inspect)
+
+    a = sub.add_parser("apply", help="graft SkillPacks into a base and write a checkpoint")
+    a.add_argument("model", help="base checkpoint folder")
+    a.add_argument("packs", nargs="+")
+    a.add_argument("--out", required=True)
+    a.add_argument("--scale", type=float, default=1.0)
+    a.add_argument("--allow-base-drift", action="store_true", help="apply to a base whose weights differ from the pack's")
+    a.set_defaults(fn=lambda args: _graft(args, 1.0, args.allow_base_drift))
+
+    r = sub.add_parser("remove", help="ungraft SkillPacks from a grafted checkpoint")
+    r.add_argument("model", help="grafted checkpoint folder")
+    r.add_argument("packs", nargs="+")
+    r.add_argument("--out", required=True)
+    r.add_argument("--scale", type=float, default=1.0, help="the scale the packs were grafted with")
+    r.set_defaults(fn=lambda args: _graft(args, -1.0, True))

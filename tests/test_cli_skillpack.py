@@ -1,0 +1,61 @@
+import subprocess
+import sys
+
+import torch
+
+from graft.checkpoint import CheckpointReader
+from graft.lora import read_lora_deltas
+from tests.conftest import make_base
+
+
+def graft_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_pack_inspect_apply_remove_roundtrip(base_model, adapter, tmp_path):
+    pack = tmp_path / "pack"
+    assert graft_cli("pack", adapter, "--base", base_model, "--out", pack, "--skill", "rev").returncode == 0
+    shown = graft_cli("inspect", pack)
+    assert shown.returncode == 0
+    for key in read_lora_deltas(adapter):
+        assert key in shown.stdout
+    assert "svd_quant" in shown.stdout and "of the bf16 delta" in shown.stdout
+
+    assert graft_cli("apply", base_model, pack, "--out", tmp_path / "grafted").returncode == 0
+    assert graft_cli("remove", tmp_path / "grafted", pack, "--out", tmp_path / "back").returncode == 0
+    base, back, grafted = (CheckpointReader(p) for p in (base_model, tmp_path / "back", tmp_path / "grafted"))
+    key = next(iter(read_lora_deltas(adapter)))
+    assert not torch.allclose(grafted.get(key), base.get(key))
+    torch.testing.assert_close(back.get(key), base.get(key), atol=1e-5, rtol=0)
+
+
+def test_apply_to_drifted_base_refused_then_allowed(base_model, adapter, tmp_path):
+    pack = tmp_path / "pack"
+    graft_cli("pack", adapter, "--base", base_model, "--out", pack)
+    v2 = make_base(tmp_path / "v2", seed=3)
+    refused = graft_cli("apply", v2, pack, "--out", tmp_path / "out")
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and "--allow-base-drift" in refused.stderr and str(pack) in refused.stderr
+    assert not (tmp_path / "out").exists()
+    allowed = graft_cli("apply", v2, pack, "--out", tmp_path / "out", "--allow-base-drift")
+    assert allowed.returncode == 0 and "base drift" in allowed.stderr
+
+
+def test_inspect_refuses_tampered_pack(base_model, adapter, tmp_path):
+    pack = tmp_path / "pack"
+    graft_cli("pack", adapter, "--base", base_model, "--out", pack)
+    data = bytearray((pack / "pack.safetensors").read_bytes())
+    data[-3] ^= 0x55
+    (pack / "pack.safetensors").write_bytes(bytes(data))
+    proc = graft_cli("inspect", pack)
+    assert proc.returncode == 2 and "checksum mismatch" in proc.stderr
+
+
+def test_pack_refuses_pickle_adapter(base_model, tmp_path):
+    bad = tmp_path / "adapter"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "lora_alpha": 8}')
+    (bad / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    proc = graft_cli("pack", bad, "--base", base_model, "--out", tmp_path / "pack")
+    assert proc.returncode == 2 and "adapter_model.bin: pickle checkpoints are refused" in proc.stderr
+    assert not (tmp_path / "pack").exists()
