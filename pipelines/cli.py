@@ -19,27 +19,29 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
+def load_spec_or_report(path: str):
+    """The validated job spec, or None after printing one line per problem to stderr."""
     from pipelines.spec import SpecError, load_job
 
     try:
-        spec = load_job(args.job)
+        return load_job(path)
     except SpecError as e:
         for line in e.lines:
             print(line, file=sys.stderr)
+        return None
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    spec = load_spec_or_report(args.job)
+    if spec is None:
         return EXIT_SPEC
     print(f"{args.job}: ok (job {spec.name!r}, {len(spec.skills)} skills)")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.spec import SpecError, load_job
-
-    try:
-        spec = load_job(args.job)
-    except SpecError as e:
-        for line in e.lines:
-            print(line, file=sys.stderr)
+    spec = load_spec_or_report(args.job)
+    if spec is None:
         return EXIT_SPEC
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pipelines.driver import run_job
@@ -61,13 +63,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     uri = args.uri
     if uri is None:
         from pipelines.driver import resolve_tracking_uri
-        from pipelines.spec import SpecError, load_job
 
-        try:
-            spec = load_job(args.job)
-        except SpecError as e:
-            for line in e.lines:
-                print(line, file=sys.stderr)
+        spec = load_spec_or_report(args.job)
+        if spec is None:
             return EXIT_SPEC
         uri = resolve_tracking_uri(spec, os.environ.get("MLFLOW_TRACKING_URI"))
     print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")

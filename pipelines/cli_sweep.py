@@ -12,15 +12,13 @@ EXIT_FAILED = 1
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from pipelines.spec import SpecError, load_job
+    from pipelines.cli import load_spec_or_report
 
-    try:
-        spec = load_job(args.job)
-        if spec.sweep is None:
-            raise SpecError([f"{args.job}: sweep: missing; `graft sweep` needs a `sweep:` section (see jobs/sweep-demo.yaml)"])
-    except SpecError as e:
-        for line in e.lines:
-            print(line, file=sys.stderr)
+    spec = load_spec_or_report(args.job)
+    if spec is None:
+        return EXIT_SPEC
+    if spec.sweep is None:
+        print(f"{args.job}: sweep: missing; `graft sweep` needs a `sweep:` section (see jobs/sweep-demo.yaml)", file=sys.stderr)
         return EXIT_SPEC
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pipelines.sweep import run_sweep

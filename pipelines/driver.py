@@ -39,10 +39,7 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
         parent.params(spec.model_dump(mode="json"))
         parent.artifact(job_file, "job")
         with ray_session(address) as resources:
-            need = max(spec.train.num_workers, spec.testbed.num_workers) * spec.train.cpus_per_worker
-            if address is None and resources.get("CPU", 0) < need:
-                raise JobError(f"train.num_workers × train.cpus_per_worker = {need} CPUs, but this machine has "
-                               f"{int(resources.get('CPU', 0))}")
+            require_cpus(spec, address, resources)
             parent.tags({"graftline.ray_cpus": resources.get("CPU", 0), "graftline.ray_gpus": resources.get("GPU", 0)})
             ctx = RunContext(spec, job_file, root, tracker, parent, force, results, log)
             for i, stage in enumerate(STAGES, 1):
@@ -60,6 +57,14 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
 
             log("\n" + accuracy_table(results["evaluate"].info["table"]))
     return results
+
+
+def require_cpus(spec: JobSpec, address: str | None, resources: dict) -> None:
+    """Fail early when a local Ray cannot ever fit the job's training worker group."""
+    need = max(spec.train.num_workers, spec.testbed.num_workers) * spec.train.cpus_per_worker
+    if address is None and resources.get("CPU", 0) < need:
+        raise JobError(f"train.num_workers × train.cpus_per_worker = {need} CPUs, but this machine has "
+                       f"{int(resources.get('CPU', 0))}")
 
 
 def summary_table(results: dict[str, StageResult]) -> str:

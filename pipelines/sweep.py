@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.context import RunContext, StageResult
-from pipelines.driver import JobError, resolve_tracking_uri
+from pipelines.driver import require_cpus, resolve_tracking_uri
 from pipelines.runtime import ray_session
 from pipelines.spec import JobSpec, SpecError, parse_job
 from pipelines.stages import STAGES, testbed
@@ -189,10 +189,7 @@ def run_sweep(spec: JobSpec, job_file: Path, *, address: str | None = None, env_
         parent.params(spec.model_dump(mode="json"))
         parent.artifact(job_file, "job")
         with ray_session(address) as resources:
-            need = max(spec.train.num_workers, spec.testbed.num_workers) * spec.train.cpus_per_worker
-            if address is None and resources.get("CPU", 0) < need:
-                raise JobError(f"train.num_workers × train.cpus_per_worker = {need} CPUs, but this machine has "
-                               f"{int(resources.get('CPU', 0))}")
+            require_cpus(spec, address, resources)
             concurrent = sw.max_concurrent or default_concurrency(spec, resources.get("CPU", 0))
             log("[1/2] testbed (once for every trial)")
             t0 = time.time()
