@@ -79,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a job spec end to end")
     r.add_argument("job", help="job YAML, e.g. jobs/demo.yaml")
-    r.add_argument("--address", help="existing Ray cluster: 'auto', 'ray://HOST:10001' or 'HOST:6379' (default: a private local Ray)")
-    r.add_argument("--force", action="append", metavar="STAGE", help="rerun STAGE even when its outputs are complete ('all' for every stage)")
+    r.add_argument("--address",
+                   help="existing Ray cluster: 'auto', 'ray://HOST:10001' or 'HOST:6379' (default: a private local Ray)")
+    r.add_argument("--force", action="append", metavar="STAGE",
+                   help="rerun STAGE even when its outputs are complete ('all' for every stage)")
     r.set_defaults(fn=cmd_run)
 
     v = sub.add_parser("validate", help="check a job spec without running it")

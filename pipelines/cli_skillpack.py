@@ -73,7 +73,30 @@ def _graft(args: argparse.Namespace, sign: float, allow_drift: bool) -> int:
     return 0
 
 
+def cmd_merge_adapters(args: argparse.Namespace) -> int:
+    from graft.adapter_merge import merge_adapters
+    from graft.checkpoint import CheckpointError
+
+    try:
+        report = merge_adapters(args.adapters, args.out, method=args.method, weights=args.weights, density=args.density,
+                                rank=args.rank, seed=args.seed)
+    except (CheckpointError, KeyError, ValueError, OSError) as e:
+        return _refuse(e)
+    print(f"{args.out}: one LoRA adapter, rank {report['rank']}, {report['tensors']} modules ({args.method})")
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("merge-adapters", help="merge several LoRA adapters into one adapter (base untouched)")
+    m.add_argument("adapters", nargs="+", help="PEFT LoRA adapter folders")
+    m.add_argument("--out", required=True)
+    m.add_argument("--method", default="ties", help="linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune")
+    m.add_argument("--weights", type=float, nargs="+", help="one per adapter (default 1.0 each)")
+    m.add_argument("--density", type=float, default=1.0)
+    m.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest input rank)")
+    m.add_argument("--seed", type=int, default=0, help="for DARE's random drop")
+    m.set_defaults(fn=cmd_merge_adapters)
+
     p = sub.add_parser("pack", help="pack a LoRA adapter into a SkillPack")
     p.add_argument("adapter", help="PEFT LoRA adapter folder")
     p.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")

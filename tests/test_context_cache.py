@@ -55,7 +55,7 @@ def test_run_items_builds_only_missing_items_together(tmp_path):
 
     def build(todo):
         seen.append(sorted(todo))
-        for name, (tmp, run) in todo.items():
+        for name, (tmp, _run) in todo.items():
             (tmp / "m").write_text(name)
         return {name: {"loss": 0.5} for name in todo}
 

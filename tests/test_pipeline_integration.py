@@ -79,7 +79,8 @@ def test_end_to_end_outputs_and_tracking(first_run):
         assert "skillpack/skillpack.json" in {a.path for a in client.list_artifacts(kids[f"pack/{skill}"].info.run_id, "skillpack")}
         assert kids[f"score/{skill}"].data.metrics["terms"] == 8
     assert "acc.grafted.reverse" in kids["evaluate/report"].data.metrics
-    assert {"report/eval.json", "report/eval.png", "report/eval.txt"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/eval.json", "report/eval.png", "report/eval.txt"} <= report
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "job")] == ["job/job.yaml"]
     assert parent.data.params["train.zero_stage"] == "2"
 

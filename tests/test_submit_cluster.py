@@ -253,7 +253,8 @@ def test_job_as_the_cluster_sees_it(monkeypatch, tmp_path):
     env = runtime_env(REPO, {"HF_HUB_OFFLINE": "1"}, ["data/"])
     assert env["working_dir"] == str(REPO)
     assert env["env_vars"] == {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "HF_HUB_OFFLINE": "1"}
-    assert {".git", ".venv", "runs/", "*.safetensors", "data/"} <= set(env["excludes"]) and len(env["excludes"]) == len(DEFAULT_EXCLUDES) + 1
+    assert {".git", ".venv", "runs/", "*.safetensors", "data/"} <= set(env["excludes"])
+    assert len(env["excludes"]) == len(DEFAULT_EXCLUDES) + 1
     outside = tmp_path / "job.yaml"
     outside.write_text((REPO / "jobs" / "demo.yaml").read_text())
     _, there, notes = validate_for_cluster(outside, REPO)
