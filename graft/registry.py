@@ -32,7 +32,16 @@ class Registry(Generic[F]):
         try:
             return self._items[name]
         except KeyError:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}") from None
+            raise KeyError(self._unknown(name)) from None
+
+    def check(self, name: str) -> str:
+        """`name` if registered, else ValueError listing the known names (usable as a pydantic validator)."""
+        if name not in self._items:
+            raise ValueError(self._unknown(name))
+        return name
+
+    def _unknown(self, name: str) -> str:
+        return f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._items))}"
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -128,17 +128,10 @@ class TrainSpec(Strict):
 class ScoreSpec(Strict):
     """Per-parameter importance of each skill's expert, fanned out as Ray tasks over data shards."""
 
-    method: str = "fisher"
+    method: Annotated[str, AfterValidator(SCORES.check)] = "fisher"
     shards: int = Field(2, gt=0)
     examples: int = Field(256, gt=0)
     batch_size: int = Field(1, gt=0, description="examples per gradient; 1 = per-example Fisher")
-
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in SCORES:
-            raise ValueError(f"unknown importance score {v!r}; known: {', '.join(SCORES.names())}")
-        return v
 
 
 class PackSpec(Strict):
@@ -163,16 +156,9 @@ class PackSpec(Strict):
 class GraftSpec(Strict):
     """How the driver fuses the SkillPacks into the base (graft.fusion.FUSIONS)."""
 
-    method: str = "additive"
+    method: Annotated[str, AfterValidator(FUSIONS.check)] = "additive"
     scale: float = 1.0
     protect_fraction: float = Field(0.2, ge=0, lt=1, description="'protected': share of each tensor shielded for earlier skills")
-
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        if v not in FUSIONS:
-            raise ValueError(f"unknown fusion method {v!r}; known: {', '.join(FUSIONS.names())}")
-        return v
 
 
 class EvaluateSpec(Strict):
