@@ -28,18 +28,18 @@ FUSIONS: Registry = Registry("fusion method")
 
 @FUSIONS.register("additive")
 def additive(reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None], scale: float = 1.0,
-             protect_fraction: float = 0.0) -> TensorStream:
+             protect_fraction: float = 0.0, base_scores: Scores | None = None) -> TensorStream:
     """θ_base + scale · Σ_i Δ̂_i."""
     return grafted_tensors(reader, packs, [scale] * len(packs))
 
 
 @FUSIONS.register("protected")
 def protected(reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None], scale: float = 1.0,
-              protect_fraction: float = 0.2) -> TensorStream:
+              protect_fraction: float = 0.2, base_scores: Scores | None = None) -> TensorStream:
     """Packs added in order, each shielded from the top `protect_fraction` of earlier skills' importance."""
     if scale != 1.0:
         raise ValueError("protected fusion grafts at scale 1.0")
-    return protected_tensors(reader, packs, scores, protect_fraction)
+    return protected_tensors(reader, packs, scores, protect_fraction, base_scores)
 
 
 def _normalised(score: torch.Tensor) -> torch.Tensor:
@@ -87,16 +87,27 @@ def protected_tensors(reader: CheckpointReader, packs: Sequence[SkillPack], scor
         yield key, acc.to(t.dtype)
 
 
-def graft_protected(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Scores | None], out: str | Path,
-                    protect_fraction: float = 0.2, base_scores: Scores | None = None, allow_base_drift: bool = False,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
-    """Importance-protected grafting of `packs` (in order) into `base`, written atomically to `out`."""
+def fuse_into(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Scores | None], folder: Path,
+              method: str = "additive", scale: float = 1.0, protect_fraction: float = 0.2, allow_base_drift: bool = False,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, base_scores: Scores | None = None) -> dict:
+    """Fuse `packs` into `base` with a registered method, into an existing folder (caller owns atomicity)."""
     if len(scores) != len(packs):
         raise ValueError(f"{len(packs)} packs but {len(scores)} score maps")
     reader = CheckpointReader(base)
     drift = {p.name: check_pack(p, reader, allow_base_drift) for p in packs}
+    fuse = FUSIONS.get(method)
+    write_shards(folder, fuse(reader, packs, scores, scale=scale, protect_fraction=protect_fraction, base_scores=base_scores),
+                 max_shard_bytes)
+    copy_side_files(base, folder)
+    return {"base": str(base), "packs": [p.name for p in packs], "method": method, "scale": scale,
+            "protect_fraction": protect_fraction, "base_drift": drift}
+
+
+def graft_protected(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Scores | None], out: str | Path,
+                    protect_fraction: float = 0.2, base_scores: Scores | None = None, allow_base_drift: bool = False,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+    """Importance-protected grafting of `packs` (in order) into `base`, written atomically to `out`."""
     with atomic_dir(out) as tmp:
-        write_shards(tmp, protected_tensors(reader, packs, scores, protect_fraction, base_scores), max_shard_bytes)
-        copy_side_files(base, tmp)
-    return {"base": str(base), "out": str(out), "packs": [p.name for p in packs], "protect_fraction": protect_fraction,
-            "base_drift": drift}
+        report = fuse_into(base, packs, scores, tmp, "protected", 1.0, protect_fraction, allow_base_drift, max_shard_bytes,
+                           base_scores)
+    return {**report, "out": str(out)}

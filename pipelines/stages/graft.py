@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from graft.checkpoint import CheckpointReader, copy_side_files, write_shards
-from graft.fusion import FUSIONS
-from graft.grafting import check_pack
+from graft.fusion import fuse_into
 from graft.importance import load_scores
 from graft.skillpack import SkillPack
 from pipelines.cache import content_key
@@ -35,13 +33,7 @@ def run(ctx: RunContext) -> StageResult:
     def build(tmp: Path, run) -> dict[str, float]:
         packs = [SkillPack.load(packed.outputs[n]) for n in names]
         scores = [load_scores(scored.outputs[n] / "scores.safetensors") if needs_scores else None for n in names]
-        reader = CheckpointReader(prep["base"])
-        drift = {p.name: check_pack(p, reader, allow_base_drift=False) for p in packs}
-        fuse = FUSIONS.get(spec.graft.method)
-        write_shards(tmp, fuse(reader, packs, scores, scale=spec.graft.scale, protect_fraction=spec.graft.protect_fraction),
-                     max_shard_bytes=2 * 1024**3)
-        copy_side_files(prep["base"], tmp)
-        report = {"base": prep["base"], "packs": names, **spec.graft.model_dump(mode="json"), "base_drift": drift}
+        report = fuse_into(prep["base"], packs, scores, tmp, spec.graft.method, spec.graft.scale, spec.graft.protect_fraction)
         (tmp / "graft.json").write_text(json.dumps(report, indent=1))
         run.artifact(tmp / "graft.json")
         return {"skills": len(packs)}
