@@ -11,6 +11,7 @@ Logs: per model, the loss per step, DeepSpeed engine class, ZeRO stage and world
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from graft.data import write_jsonl
@@ -117,8 +118,6 @@ def _models(ctx: RunContext, recipes: list[Recipe], data: dict, result: StageRes
         try:
             run_training(reqs, ctx.root / "ray_train", "testbed")
         finally:
-            import shutil
-
             shutil.rmtree(init_root, ignore_errors=True)
         metrics = {}
         for name, (tmp, run) in todo.items():
