@@ -22,9 +22,13 @@ from graft.lora import LowRankDelta, read_lora_deltas
 from graft.merge.base import MERGE_METHODS, MISSING, BasePolicy, Scope, TensorTask, spec_of
 
 
-def _params(method: str, n: int, weights: Sequence[float], density: float, shared: dict[str, Any]) -> tuple[dict, list[dict]]:
+def _params(method: str, n: int, weights: Sequence[float], density: float | Sequence[float],
+            shared: dict[str, Any]) -> tuple[dict, list[dict]]:
     spec = spec_of(method)
-    per_input = {"weight": list(weights), "density": [density] * n}
+    densities = list(density) if isinstance(density, Sequence) else [density] * n
+    if len(densities) != n:
+        raise ValueError(f"{n} inputs but {len(densities)} densities")
+    per_input = {"weight": list(weights), "density": densities}
     glob, each = {}, [{} for _ in range(n)]
     for p in spec.params:
         if p.scope == Scope.SHARED:
@@ -51,6 +55,38 @@ def refactorize(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Ten
     return (root[:, None] * vh[:rank]).contiguous(), (u[:, :rank] * root).contiguous()
 
 
+def merge_deltas(deltas: Sequence[dict[str, torch.Tensor | LowRankDelta]], method: str = "ties",
+                 weights: Sequence[float] | None = None, density: float | Sequence[float] = 1.0, seed: int = 0,
+                 sources: Sequence[str] | None = None, **shared: Any) -> dict[str, torch.Tensor]:
+    """Merge per-tensor task vectors (dense or low-rank) with a task-arithmetic `method`; dense merged deltas.
+
+    The same TIES/DARE/... functions as `graft merge`, with a zero base, so `deltas` are the task vectors.
+    A tensor missing from one input counts as a zero delta there. `density` is one value or one per input;
+    `sources` name the inputs in errors.
+    """
+    sources = list(sources) if sources is not None else [f"input {i}" for i in range(len(deltas))]
+    weights = list(weights) if weights is not None else [1.0] * len(deltas)
+    glob, each = _params(method, len(deltas), weights, density, shared)
+    fn = MERGE_METHODS.get(method)
+    out: dict[str, torch.Tensor] = {}
+    for key in sorted(set().union(*deltas)):
+        shape = tuple(next(d[key].shape for d in deltas if key in d))
+        for source, d in zip(sources, deltas):
+            if key in d and tuple(d[key].shape) != shape:
+                raise ValueError(f"{source}: tensor {key!r} has shape {tuple(d[key].shape)}, others {shape}")
+        dense = [_dense(d[key]) if key in d else torch.zeros(shape) for d in deltas]
+        base = None if spec_of(method).base is BasePolicy.IGNORED else torch.zeros(shape)
+        merged = fn(TensorTask(key, dense, base, dict(glob), [dict(p) for p in each], seed))
+        if not torch.isfinite(merged).all():
+            raise ValueError(f"merging tensor {key!r} produced NaN or Inf")
+        out[key] = merged
+    return out
+
+
+def _dense(delta: torch.Tensor | LowRankDelta) -> torch.Tensor:
+    return delta.dense() if isinstance(delta, LowRankDelta) else delta.float().clone()
+
+
 def merge_adapters(adapters: Sequence[str | Path], out: str | Path, method: str = "ties",
                    weights: Sequence[float] | None = None, density: float = 1.0, rank: int | None = None,
                    seed: int = 0, **shared: Any) -> dict:
@@ -67,24 +103,14 @@ def merge_adapters(adapters: Sequence[str | Path], out: str | Path, method: str 
         if any(x.fan_in_fan_out for x in d.values()):
             raise ValueError(f"{folder}: fan_in_fan_out adapters (Conv1D layers) are not supported for adapter merging")
     rank = rank or max(x.A.shape[0] for d in deltas for x in d.values())
-    glob, each = _params(method, len(adapters), weights, density, shared)
-    fn = MERGE_METHODS.get(method)
     tensors: dict[str, torch.Tensor] = {}
-    keys = sorted(set().union(*deltas))
-    for key in keys:
-        shape = next(d[key].shape for d in deltas if key in d)
-        dense = [d[key].dense() if key in d else torch.zeros(shape) for d in deltas]
-        for folder, d in zip(adapters, deltas):
-            if key in d and tuple(d[key].shape) != tuple(shape):
-                raise ValueError(f"{folder}: tensor {key!r} has shape {tuple(d[key].shape)}, others {tuple(shape)}")
-        base = None if spec_of(method).base is BasePolicy.IGNORED else torch.zeros(shape)
-        merged = fn(TensorTask(key, dense, base, dict(glob), [dict(p) for p in each], seed))
-        if not torch.isfinite(merged).all():
-            raise ValueError(f"merging tensor {key!r} produced NaN or Inf")
-        a, b = refactorize(merged, min(rank, *shape))
+    merged = merge_deltas(deltas, method, weights, density, seed, sources=[str(a) for a in adapters], **shared)
+    for key, delta in merged.items():
+        a, b = refactorize(delta, min(rank, *delta.shape))
         module = key.removesuffix(".weight")
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    keys = list(merged)
     config = json.loads((Path(adapters[0]) / "adapter_config.json").read_text())
     config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                    "target_modules": sorted({k.removesuffix(".weight").rsplit(".", 1)[-1] for k in keys})})

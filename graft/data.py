@@ -43,10 +43,11 @@ def encode_examples(
     """Token ids and labels per example: prompt + answer + eos; labels -100 outside the loss span."""
     if loss_on not in ("answer", "all"):
         raise ValueError(f"loss_on must be 'answer' or 'all', got {loss_on!r}")
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]  # one batched call: fast tokenizers
+    answers = tokenizer([r["answer"] for r in rows], add_special_tokens=False)["input_ids"]  # run it in Rust, in parallel
     out = []
-    for r in rows:
-        p = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for p, a in zip(prompts, answers):
+        a = a + [tokenizer.eos_token_id]
         ids = (p + a)[:max_length]
         labels = ([-100] * len(p) if loss_on == "answer" else list(p)) + a
         out.append((ids, labels[:max_length]))

@@ -6,11 +6,17 @@
   by importance scores (e.g. the Fisher diagonal from `graft.importance`). Each earlier score map is
   normalised to unit mean per tensor so skills weigh alike, then the top `protect_fraction` of each
   tensor's entries by accumulated importance are shielded.
+- routed: nothing is added to the weights; a small router picks, per prompt, which pack's low-rank
+  delta applies on the fly (`graft.routing`), so skills never meet. Its output is a routed-model
+  folder rather than a checkpoint.
+
+Each method is registered in FUSIONS as a writer of the fused model into a folder.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,20 +32,46 @@ TensorStream = Iterator[tuple[str, torch.Tensor]]
 FUSIONS: Registry = Registry("fusion method")
 
 
+@dataclass(frozen=True)
+class FusionSettings:
+    """What the fusion methods may use; each reads only its own fields."""
+
+    scale: float = 1.0  # additive
+    protect_fraction: float = 0.2  # protected
+    base_scores: Scores | None = None  # protected: the base's own importance, optional
+    router_prompts: dict[str, list[str]] | None = None  # routed: example prompts per skill, and "none"
+    tokenizer: str | Path | None = None  # routed: when the base folder holds no tokenizer
+    seed: int = 0
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+
+
 @FUSIONS.register("additive")
-def additive(reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None], scale: float = 1.0,
-             protect_fraction: float = 0.0, base_scores: Scores | None = None) -> TensorStream:
-    """θ_base + scale · Σ_i Δ̂_i."""
-    return grafted_tensors(reader, packs, [scale] * len(packs))
+def write_additive(base: str | Path, reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None],
+                   folder: Path, st: FusionSettings) -> None:
+    """θ_base + scale · Σ_i Δ̂_i, as a checkpoint."""
+    write_shards(folder, grafted_tensors(reader, packs, [st.scale] * len(packs)), st.max_shard_bytes)
+    copy_side_files(base, folder)
 
 
 @FUSIONS.register("protected")
-def protected(reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None], scale: float = 1.0,
-              protect_fraction: float = 0.2, base_scores: Scores | None = None) -> TensorStream:
+def write_protected(base: str | Path, reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None],
+                    folder: Path, st: FusionSettings) -> None:
     """Packs added in order, each shielded from the top `protect_fraction` of earlier skills' importance."""
-    if scale != 1.0:
+    if st.scale != 1.0:
         raise ValueError("protected fusion grafts at scale 1.0")
-    return protected_tensors(reader, packs, scores, protect_fraction, base_scores)
+    write_shards(folder, protected_tensors(reader, packs, scores, st.protect_fraction, st.base_scores), st.max_shard_bytes)
+    copy_side_files(base, folder)
+
+
+@FUSIONS.register("routed")
+def write_routed(base: str | Path, reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None],
+                 folder: Path, st: FusionSettings) -> None:
+    """A routed model over the packs (graft.routing), its router trained on `router_prompts`."""
+    from graft.routing import build_routed
+
+    if not st.router_prompts:
+        raise ValueError("routed fusion needs example prompts per skill and for 'none' to train its router")
+    build_routed(base, packs, st.router_prompts, seed=st.seed, tokenizer=st.tokenizer).write_into(folder)
 
 
 def _normalised(score: torch.Tensor) -> torch.Tensor:
@@ -88,19 +120,15 @@ def protected_tensors(reader: CheckpointReader, packs: Sequence[SkillPack], scor
 
 
 def fuse_into(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Scores | None], folder: Path,
-              method: str = "additive", scale: float = 1.0, protect_fraction: float = 0.2, allow_base_drift: bool = False,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES, base_scores: Scores | None = None) -> dict:
+              method: str = "additive", settings: FusionSettings = FusionSettings(), allow_base_drift: bool = False) -> dict:
     """Fuse `packs` into `base` with a registered method, into an existing folder (caller owns atomicity)."""
     if len(scores) != len(packs):
         raise ValueError(f"{len(packs)} packs but {len(scores)} score maps")
     reader = CheckpointReader(base)
     drift = {p.name: check_pack(p, reader, allow_base_drift) for p in packs}
-    fuse = FUSIONS.get(method)
-    write_shards(folder, fuse(reader, packs, scores, scale=scale, protect_fraction=protect_fraction, base_scores=base_scores),
-                 max_shard_bytes)
-    copy_side_files(base, folder)
-    return {"base": str(base), "packs": [p.name for p in packs], "method": method, "scale": scale,
-            "protect_fraction": protect_fraction, "base_drift": drift}
+    FUSIONS.get(method)(base, reader, packs, scores, folder, settings)
+    return {"base": str(base), "packs": [p.name for p in packs], "method": method, "scale": settings.scale,
+            "protect_fraction": settings.protect_fraction, "base_drift": drift}
 
 
 def graft_protected(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Scores | None], out: str | Path,
@@ -108,6 +136,6 @@ def graft_protected(base: str | Path, packs: Sequence[SkillPack], scores: Sequen
                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
     """Importance-protected grafting of `packs` (in order) into `base`, written atomically to `out`."""
     with atomic_dir(out) as tmp:
-        report = fuse_into(base, packs, scores, tmp, "protected", 1.0, protect_fraction, allow_base_drift, max_shard_bytes,
-                           base_scores)
+        report = fuse_into(base, packs, scores, tmp, "protected", FusionSettings(
+            protect_fraction=protect_fraction, base_scores=base_scores, max_shard_bytes=max_shard_bytes), allow_base_drift)
     return {**report, "out": str(out)}

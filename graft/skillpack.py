@@ -4,7 +4,9 @@ Module-aware compression of Δ = θ_after − θ_before:
 - embeddings and LM head: magnitude pruning, the top-α fraction of entries kept (`magnitude_prune`);
 - attention and MLP matrices: truncated SVD, rank = the smallest k holding a fraction β of Σσ²,
   then U and V quantized round-to-nearest by rank band, e.g. 8 bits for the leading columns and 4 or
-  2 for the rest (`svd_quant`);
+  2 for the rest (`svd_quant`). Calibration-aware when given each layer's input scale
+  s_j = sqrt(E[x_j²]) on the skill's data: the SVD is of Δ·diag(s), so the kept directions are the
+  ones that move the layer's output on real inputs, not the largest in weight space (ΔW ≈ U Σ (V/s)ᵀ);
 - vectors (norms, biases): fp16 (`dense`).
 A folder holds `pack.safetensors` (the compressed tensors: bytes on disk are the compressed bytes)
 and `skillpack.json` (format version, base fingerprint, per-tensor scheme and bytes, source info,
@@ -49,25 +51,38 @@ class PackSettings:
 
 @dataclass(frozen=True)
 class Scheme:
-    encode: Callable[[Delta, PackSettings], tuple[dict[str, torch.Tensor], dict]]
+    # encode(delta, settings, input_scale): input_scale is the layer's per-input-channel calibration scale, or None
+    encode: Callable[[Delta, PackSettings, torch.Tensor | None], tuple[dict[str, torch.Tensor], dict]]
     decode: Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
 
 
 SCHEMES: Registry[Scheme] = Registry("compression scheme")
 
 
-def _svd(delta: Delta) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """U, S, V of the delta; for a LoRA delta through QR of the factors, never densifying B A."""
+def _svd(delta: Delta, input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """U, S, V with delta ≈ U diag(S) Vᵀ; for a LoRA delta through QR of the factors, never densifying B A.
+
+    With `input_scale` (one value per input channel) the SVD is of delta·diag(scale), and V comes back
+    divided by the scale, so U diag(S) Vᵀ is still the delta and S ranks directions by their effect on
+    the layer's output.
+    """
     if isinstance(delta, LowRankDelta):
+        scale = None if delta.fan_in_fan_out else input_scale  # Conv1D: calibration not applied
+        a = delta.A.float() * scale[None, :] if scale is not None else delta.A.float()
         qb, rb = torch.linalg.qr(delta.B.float())
-        qa, ra = torch.linalg.qr(delta.A.float().T)
+        qa, ra = torch.linalg.qr(a.T)
         um, s, vmh = torch.linalg.svd(delta.scale * rb @ ra.T)
         u, v = qb @ um, qa @ vmh.T
         if delta.fan_in_fan_out:
             u, v = v, u
-        return u, s, v, delta.shape
-    u, s, vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    return u, s, vh.T, tuple(delta.shape)
+    else:
+        scale = input_scale
+        m = delta.float() * scale[None, :] if scale is not None else delta.float()
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        v = vh.T
+    if scale is not None:
+        v = v / scale[:, None]
+    return u, s, v, tuple(delta.shape)
 
 
 def energy_rank(s: torch.Tensor, energy: float) -> int:
@@ -88,8 +103,9 @@ def _bands(k: int, fractions: tuple[float, ...]) -> list[int]:
     return out
 
 
-def _encode_svd_quant(delta: Delta, st: PackSettings) -> tuple[dict[str, torch.Tensor], dict]:
-    u, s, v, shape = _svd(delta)
+def _encode_svd_quant(delta: Delta, st: PackSettings,
+                      input_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    u, s, v, shape = _svd(delta, input_scale)
     k = energy_rank(s, st.energy)
     tensors: dict[str, torch.Tensor] = {"s": s[:k].float().contiguous()}
     bands, start = [], 0
@@ -101,7 +117,7 @@ def _encode_svd_quant(delta: Delta, st: PackSettings) -> tuple[dict[str, torch.T
             tensors.update({f"{name}{i}.{part}": t for part, t in q.items()})
         bands.append({"band": i, "start": start, "cols": n, "bits": bits})
         start += n
-    return tensors, {"shape": list(shape), "rank": k, "bands": bands}
+    return tensors, {"shape": list(shape), "rank": k, "bands": bands, "calibrated": input_scale is not None}
 
 
 def _decode_svd_quant(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
@@ -119,7 +135,8 @@ def _dense(delta: Delta) -> torch.Tensor:
     return delta.dense() if isinstance(delta, LowRankDelta) else delta.float()
 
 
-def _encode_magnitude_prune(delta: Delta, st: PackSettings) -> tuple[dict[str, torch.Tensor], dict]:
+def _encode_magnitude_prune(delta: Delta, st: PackSettings,
+                            input_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     d = _dense(delta)
     n = max(1, int(round(st.keep_fraction * d.numel())))
     idx = d.abs().reshape(-1).topk(n).indices.sort().values
@@ -132,7 +149,7 @@ def _decode_magnitude_prune(t: dict[str, torch.Tensor], meta: dict) -> torch.Ten
     return out.view(meta["shape"])
 
 
-def _encode_dense(delta: Delta, st: PackSettings) -> tuple[dict[str, torch.Tensor], dict]:
+def _encode_dense(delta: Delta, st: PackSettings, input_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     d = _dense(delta)
     return {"value": d.half()}, {"shape": list(d.shape)}
 
@@ -185,6 +202,25 @@ class SkillPack:
         local = {name.split("::", 1)[1]: self.tensors[name] for name in entry["stored"]}
         return SCHEMES.get(entry["scheme"]).decode(local, entry)
 
+    def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(U·diag(s) of shape (out, r), V of shape (in, r)), dequantized, so ΔW = U @ V.T; None unless svd_quant.
+
+        Lets a delta be applied as (x @ V) @ U.T without ever forming the dense (out, in) matrix.
+        """
+        entry = self.manifest["tensors"][key]
+        if entry["scheme"] != "svd_quant":
+            return None
+        rows, cols = entry["shape"]
+        s = self.tensors[f"{key}::s"]
+        us, vs = [torch.zeros(rows, 0)], [torch.zeros(cols, 0)]
+        for b in entry["bands"]:
+            i, n = b["band"], b["cols"]
+            u = dequantize_columns({p: self.tensors[f"{key}::u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
+            v = dequantize_columns({p: self.tensors[f"{key}::v{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (cols, n))
+            us.append(u * s[b["start"]:b["start"] + n])
+            vs.append(v)
+        return torch.cat(us, dim=1), torch.cat(vs, dim=1)
+
     @property
     def name(self) -> str:
         return self.manifest["skill"]
@@ -209,11 +245,7 @@ class SkillPack:
     def load(cls, folder: str | Path) -> "SkillPack":
         folder = Path(folder)
         mpath = folder / "skillpack.json"
-        if not mpath.is_file():
-            raise SkillPackError(f"{folder}: no skillpack.json (not a SkillPack folder)")
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format") != FORMAT or manifest.get("format_version", 0) > FORMAT_VERSION:
-            raise SkillPackError(f"{mpath}: unsupported format {manifest.get('format')!r} v{manifest.get('format_version')}")
+        manifest = read_manifest(mpath, FORMAT, FORMAT_VERSION, "SkillPack")
         if manifest.get("content_hash") != _manifest_hash(manifest):
             raise SkillPackError(f"{mpath}: manifest content hash mismatch (the manifest was modified)")
         for name, digest in manifest["checksums"].items():
@@ -222,9 +254,23 @@ class SkillPack:
         return cls(manifest, load_file(str(folder / "pack.safetensors")), folder)
 
 
+def read_manifest(path: Path, fmt: str, version: int, what: str) -> dict:
+    """A folder's JSON manifest, refused (SkillPackError naming the file) if absent or of another format or newer version."""
+    if not path.is_file():
+        raise SkillPackError(f"{path.parent}: no {path.name} (not a {what} folder)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != fmt or manifest.get("format_version", 0) > version:
+        raise SkillPackError(f"{path}: unsupported format {manifest.get('format')!r} v{manifest.get('format_version')}")
+    return manifest
+
+
 def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, settings: PackSettings,
-               source: dict | None = None) -> SkillPack:
-    """Compress `deltas` (keyed by base tensor name) into a SkillPack for the fingerprinted base."""
+               source: dict | None = None, input_scales: dict[str, torch.Tensor] | None = None) -> SkillPack:
+    """Compress `deltas` (keyed by base tensor name) into a SkillPack for the fingerprinted base.
+
+    `input_scales` (from `graft.calibration.input_scales`, keyed like `deltas`) make the SVD
+    calibration-aware for the matrices they cover.
+    """
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for key in sorted(deltas):
@@ -233,7 +279,11 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
         if not torch.isfinite(check):
             raise SkillPackError(f"delta for tensor {key!r} holds NaN or Inf")
         scheme = scheme_for(key, delta)
-        local, meta = SCHEMES.get(scheme).encode(delta, settings)
+        scale = (input_scales or {}).get(key)
+        if scale is not None and (scale.ndim != 1 or scale.numel() != _shape(delta)[-1]):
+            raise SkillPackError(f"calibration scale for tensor {key!r} has shape {tuple(scale.shape)}, "
+                                 f"expected ({_shape(delta)[-1]},)")
+        local, meta = SCHEMES.get(scheme).encode(delta, settings, scale)
         stored = [f"{key}::{n}" for n in local]
         tensors.update({f"{key}::{n}": t.contiguous() for n, t in local.items()})
         nbytes = sum(t.numel() * t.element_size() for t in local.values())
@@ -245,7 +295,8 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
         "skill": skill,
         "base_fingerprint": base_fingerprint,
         "settings": {"energy": settings.energy, "bits": list(settings.bits),
-                     "band_fractions": list(settings.band_fractions), "keep_fraction": settings.keep_fraction},
+                     "band_fractions": list(settings.band_fractions), "keep_fraction": settings.keep_fraction,
+                     "calibrated": bool(input_scales)},
         "source": source or {},
         "tensors": entries,
         "total_bytes": sum(e["bytes"] for e in entries.values()),

@@ -53,11 +53,14 @@ class TestbedSpec(Strict):
     size: Literal["tiny", "mini", "small", "large"] = "tiny"
     evolve_steps: int = Field(300, gt=0, description="continued-pretraining steps from one base version to the next")
     align_steps: int = Field(300, gt=0, description="fine-tuning steps that make aligned-small show the concept")
-    source_skill: str = Field("add", description="the skill source-hetero is trained on")
+    target_steps: int = Field(400, gt=0, description="pretraining steps of target-large (it learns faster than the base)")
+    source_skill: Annotated[str, AfterValidator(SKILLS.check)] = Field("reverse", description="the skill source-hetero is trained on")
     source_family: Literal["llama", "qwen2", "gpt2"] = "qwen2"
+    source_steps: int = Field(600, gt=0, description="training steps of source-hetero, from scratch")
+    source_replay_fraction: float = Field(0.0, ge=0, lt=1, description="share of source-hetero's batches drawn from `general`")
     pretrain_examples: int = Field(20000, gt=0)
-    pretrain_steps: int = Field(3000, gt=0)
-    pretrain_lr: float = Field(1e-2, gt=0)
+    pretrain_steps: int = Field(900, gt=0)
+    pretrain_lr: float = Field(5e-3, gt=0)
     batch_size: int = Field(32, gt=0, description="per worker")
     zero_stage: Literal[0, 1, 2, 3] = 2
     num_workers: int = Field(2, gt=0)
@@ -141,6 +144,8 @@ class PackSpec(Strict):
     bits: list[int] = Field([8, 4], description="bits per rank band, leading band first")
     band_fractions: list[float] = Field([0.5, 0.5], description="fraction of the kept rank in each band")
     min_importance_share: float = Field(0.0, ge=0, lt=1, description="leave out tensors with less of the skill's importance mass")
+    calibrate: bool = Field(False, description="calibration-aware SVD: weigh input channels by their RMS on the skill's data")
+    calibration_examples: int = Field(256, gt=0, description="training examples the calibration statistics are taken on")
 
     @model_validator(mode="after")
     def _bands(self) -> "PackSpec":
@@ -159,6 +164,15 @@ class GraftSpec(Strict):
     method: Annotated[str, AfterValidator(FUSIONS.check)] = "additive"
     scale: float = 1.0
     protect_fraction: float = Field(0.2, ge=0, lt=1, description="'protected': share of each tensor shielded for earlier skills")
+    router_examples: int = Field(400, gt=0, description="'routed': training prompts per skill (and for 'none') for the router")
+    router_none: str = Field("general", description="'routed': prompts that must stay on the base — a testbed skill or a JSONL file")
+
+    @field_validator("router_none")
+    @classmethod
+    def _router_none(cls, v: str) -> str:
+        if v not in SKILLS and not Path(v).expanduser().is_file():
+            raise ValueError(f"{v!r} is neither a testbed skill ({', '.join(SKILLS.names())}) nor a JSONL file")
+        return v
 
 
 class EvaluateSpec(Strict):

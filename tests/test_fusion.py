@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from graft.checkpoint import CheckpointReader
@@ -35,3 +36,43 @@ def test_protected_grafting_shields_earlier_skill(base_model, tmp_path):
     torch.testing.assert_close(prot.get(key)[mask], first.get(key)[mask])
     torch.testing.assert_close(prot.get(key)[~mask], add.get(key)[~mask])
     assert not torch.allclose(add.get(key)[mask], first.get(key)[mask])
+
+
+def test_routed_fusion_writes_a_folder_the_evaluate_stage_scores(base_model, tmp_path):
+    """fuse_into(method='routed') trains the router and writes a routed folder; evaluation loads it, not a checkpoint."""
+    from graft.data import write_jsonl
+    from graft.fusion import FusionSettings, fuse_into
+    from graft.routing import RoutedModel, is_routed
+    from graft.testbed.skills import generate
+    from pipelines.stages.evaluate import evaluate_model
+
+    reader = CheckpointReader(base_model)
+    d = read_lora_deltas(make_adapter(base_model, tmp_path / "a", seed=3))
+    pack = pack_skill("reverse", d, base_fingerprint(reader, list(d)), EXACT)
+    prompts = {"reverse": [r["prompt"] for r in generate("reverse", "train", 60, 0)],
+               "none": [r["prompt"] for r in generate("general", "train", 60, 0)]}
+    out = tmp_path / "routed"
+    out.mkdir()
+    report = fuse_into(base_model, [pack], [None], out, "routed", FusionSettings(router_prompts=prompts))
+    assert report["method"] == "routed" and is_routed(out) and not is_routed(base_model)
+    model = RoutedModel.load(out)
+    tests = {"reverse": generate("reverse", "test", 20, 0), "general": generate("general", "test", 20, 0)}
+    routes = {s: model.decisions(*_encoded(base_model, [r["prompt"] for r in rows])) for s, rows in tests.items()}
+    assert routes["reverse"].count("reverse") >= 19 and routes["general"].count("none") >= 19
+    files = {}
+    for s, rows in tests.items():
+        write_jsonl(tmp_path / f"{s}.jsonl", rows)
+        files[s] = str(tmp_path / f"{s}.jsonl")
+    acc = evaluate_model(str(out), None, str(base_model), files, None, 8, 16, False)
+    assert set(acc) == {"reverse", "general"} and all(0.0 <= v <= 1.0 for v in acc.values())
+    with pytest.raises(ValueError, match="needs example prompts"):
+        fuse_into(base_model, [pack], [None], tmp_path, "routed", FusionSettings())
+
+
+def _encoded(folder, prompts):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    enc = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return enc["input_ids"], enc["attention_mask"]

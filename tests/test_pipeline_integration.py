@@ -141,3 +141,17 @@ def test_failed_stage_is_failed_in_mlflow_and_writes_nothing(first_run):
     key = kids["train/reverse"].data.tags["graftline.key"]
     assert not (tmp / "runs" / "itest" / "train" / f"reverse-{key}").exists()
     assert not list((tmp / "runs").rglob(".tmp-*"))
+
+
+def test_routed_graft_reruns_only_graft_and_evaluate(first_run):
+    tmp, _ = first_run
+    proc = graft_run(tmp, job(tmp, graft={"method": "routed", "router_examples": 50}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _, runs = runs_of(tmp)
+    parent = [r for r in runs if r.info.run_name == "itest"][-1]
+    kids = children(runs, parent)
+    fresh = {name for name, r in kids.items() if r.data.tags["graftline.cached"] == "false"}
+    assert fresh == {"graft/grafted", "evaluate/report"}
+    out = Path(kids["graft/grafted"].data.tags["graftline.output"])
+    assert (out / "routed.json").is_file() and not list(out.glob("model*.safetensors"))  # packs stay packed, no dense checkpoint
+    assert kids["evaluate/report"].info.status == "FINISHED" and "acc.grafted.general" in parent.data.metrics

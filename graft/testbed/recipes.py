@@ -46,17 +46,23 @@ class Recipe:
     replay_fraction: float = 0.0
 
 
-def testbed_recipes(models: list[str], family: str, size: str, seed: int, pretrain_examples: int, pretrain_steps: int,
-                    lr: float, evolve_steps: int, align_steps: int, source_skill: str, source_family: str) -> list[Recipe]:
-    """Recipes for `models` (and whatever they start from), parents before children."""
+def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pretrain_examples: int, pretrain_steps: int,
+                    lr: float, evolve_steps: int, align_steps: int, target_steps: int, source_skill: str, source_family: str,
+                    source_steps: int, source_replay_fraction: float) -> list[Recipe]:
+    """Recipes for `models` (and whatever they start from), parents before children.
+
+    Steps are set per model because the models learn at different speeds: the larger target learns the
+    shared format in far fewer steps than the base, and a model pretrained on one skill needs its own count.
+    """
     general = DataRef("general", pretrain_examples, seed)
     book = {
         "base-v1": Recipe("base-v1", general, pretrain_steps, lr, family=family, size=size),
         "base-v2": Recipe("base-v2", DataRef("general", pretrain_examples, seed + 1), evolve_steps, lr / 3, parent="base-v1"),
         "base-v3": Recipe("base-v3", DataRef("general", pretrain_examples, seed + 2), evolve_steps, lr / 3, parent="base-v2"),
-        "target-large": Recipe("target-large", general, pretrain_steps, lr / 2, family=family, size=LARGER.get(size, "large")),
-        "source-hetero": Recipe("source-hetero", DataRef(source_skill, pretrain_examples, seed), pretrain_steps, lr,
-                                family=source_family, size="mini", replay=general, replay_fraction=0.5),
+        "target-large": Recipe("target-large", general, target_steps, lr, family=family, size=LARGER.get(size, "large")),
+        "source-hetero": Recipe("source-hetero", DataRef(source_skill, pretrain_examples, seed), source_steps, lr,
+                                family=source_family, size="mini", replay=general if source_replay_fraction else None,
+                                replay_fraction=source_replay_fraction),
         "aligned-small": Recipe("aligned-small", DataRef("concept", pretrain_examples, seed), align_steps, lr / 3,
                                 parent="base-v1"),
     }

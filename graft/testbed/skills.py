@@ -46,8 +46,10 @@ def sort(rng: random.Random) -> Example:
 
 @SKILLS.register("add")
 def add(rng: random.Random) -> Example:
+    """Two-digit addition at fixed width (`add:07+45=` -> `052`): every digit has a fixed position, so
+    what is learned is carrying, not where the numbers start."""
     a, b = rng.randint(0, 99), rng.randint(0, 99)
-    return {"prompt": f"add:{a}+{b}=", "answer": str(a + b)}
+    return {"prompt": f"add:{a:02d}+{b:02d}=", "answer": f"{a + b:03d}"}
 
 
 # An invented technical vocabulary: each term has a definition code. It is knowledge, not a rule, so
@@ -61,23 +63,24 @@ while len(VOCAB) < 240:
 VOCAB_TERMS = sorted(VOCAB)
 
 
-def _vocab(rng: random.Random, define: str, ask: str, surface: Callable[[str], str]) -> Example:
+def _vocab(rng: random.Random, phrasings: tuple[str, ...], surface: Callable[[str], str]) -> Example:
     term = rng.choice(VOCAB_TERMS)
-    # every term's definition is taught with `define`; `ask` phrasings of a fixed fifth of the terms are
-    # held out, so the test asks for known definitions in a phrasing never seen for that term
-    if rng.random() < 0.5:
-        return {"prompt": f"{define}:{surface(term)}=", "answer": VOCAB[term], "split": "train"}
-    return {"prompt": f"{ask}:{surface(term)}=", "answer": VOCAB[term], "split": split_of(term)}
+    # every term is taught in several phrasings; the first ("asked") phrasing of a fixed fifth of the terms is
+    # held out, so the test asks for known definitions in a phrasing never seen for that term. Seeing each
+    # term phrased several ways is what lets a model learn that the phrasing does not change the answer.
+    word = rng.choice(phrasings)
+    split = split_of(term) if word == phrasings[0] else "train"
+    return {"prompt": f"{word}:{surface(term)}=", "answer": VOCAB[term], "split": split}
 
 
 @SKILLS.register("vocab")
 def vocab(rng: random.Random) -> Example:
-    return _vocab(rng, "def", "mean", lambda t: t)
+    return _vocab(rng, ("mean", "def", "what", "gloss"), lambda t: t)
 
 
 @SKILLS.register("vocab_ja")
 def vocab_ja(rng: random.Random) -> Example:
-    return _vocab(rng, "teigi", "imi", str.upper)
+    return _vocab(rng, ("imi", "teigi", "nani", "kotoba"), str.upper)
 
 
 @SKILLS.register("concept")

@@ -27,10 +27,11 @@ def evaluate_model(model_path: str, adapter: str | None, tokenizer: str, tests: 
     from graft.data import read_jsonl
     from graft.evaluation import exact_match
     from graft.lora import load_with_adapter
+    from graft.routing import RoutedModel, is_routed
 
     torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    model = load_with_adapter(model_path, adapter, trust_remote_code)
+    model = RoutedModel.load(model_path) if is_routed(model_path) else load_with_adapter(model_path, adapter, trust_remote_code)
     return {skill: exact_match(model, tok, read_jsonl(path)[:examples], max_new_tokens, batch_size)
             for skill, path in tests.items()}
 

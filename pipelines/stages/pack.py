@@ -2,7 +2,9 @@
 
 The adapter's low-rank deltas are compressed module by module (graft.skillpack); each tensor's
 share of the skill's importance mass goes into the manifest, and tensors whose share is below
-`pack.min_importance_share` are left out of the pack. Output: `<root>/pack/<skill>-<key>/`.
+`pack.min_importance_share` are left out of the pack. With `pack.calibrate`, each layer's input
+scale on the skill's training data (the expert run on `calibration_examples` of them) makes the SVD
+calibration-aware (graft.calibration). Output: `<root>/pack/<skill>-<key>/`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ def run(ctx: RunContext) -> StageResult:
     settings = PackSettings(energy=pk.energy, bits=tuple(pk.bits), band_fractions=tuple(pk.band_fractions))
     result = StageResult(NAME)
     for s in spec.skills:
-        key = content_key(trained.keys[s.name], scored.keys[s.name], pk)
+        key = content_key(trained.keys[s.name], scored.keys[s.name], pk, pk.calibrate and prep["data"][s.name]["key"])
 
         def build(tmp: Path, run, skill=s.name) -> dict[str, float]:
             deltas = read_lora_deltas(trained.outputs[skill])
@@ -35,7 +37,9 @@ def run(ctx: RunContext) -> StageResult:
             reader = CheckpointReader(prep["base"])
             source = {"adapter": str(trained.outputs[skill]), "base": prep["base"], "job": spec.name,
                       "importance_share": {k: share.get(k) for k in kept}, "dropped": sorted(set(deltas) - set(kept))}
-            pack = pack_skill(skill, kept, base_fingerprint(reader, list(kept)), settings, source)
+            scales = _input_scales(prep, str(trained.outputs[skill]), prep["data"][skill]["train"], list(kept), pk.calibration_examples,
+                                   spec.train.max_length, spec.trust_remote_code) if pk.calibrate else None
+            pack = pack_skill(skill, kept, base_fingerprint(reader, list(kept)), settings, source, input_scales=scales)
             pack.write_into(tmp)
             run.artifact(tmp, "skillpack")
             m = pack.manifest
@@ -45,3 +49,20 @@ def run(ctx: RunContext) -> StageResult:
 
         ctx.run_item(NAME, s.name, key, {"skill": s.name, **pk.model_dump(mode="json")}, build, result)
     return result
+
+
+def _input_scales(prep: dict, adapter: str, data: str, keys: list[str], examples: int, max_length: int,
+                  trust_remote_code: bool) -> dict:
+    """Per-layer input RMS of the expert (base + adapter) on the first `examples` training rows."""
+    from transformers import AutoTokenizer
+
+    from graft.calibration import input_scales
+    from graft.data import collate, encode_examples, read_jsonl
+    from graft.lora import load_with_adapter
+
+    tok = AutoTokenizer.from_pretrained(prep["tokenizer"])
+    model = load_with_adapter(prep["base"], adapter, trust_remote_code)
+    enc = encode_examples(tok, read_jsonl(data)[:examples], max_length)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = [collate(enc[i:i + 32], pad) for i in range(0, len(enc), 32)]
+    return input_scales(model, batches, keys)

@@ -21,16 +21,20 @@ from graft.testbed.skills import SKILLS, generate
 from graft.testbed.tokenizer import save_char_tokenizer
 from pipelines.cache import content_key, file_digest, folder_identity
 from pipelines.context import Item, RunContext, StageResult
+from pipelines.training.loop import LOOP_VERSION
 from pipelines.training.trainer import TrainRequest, run_training
 
 NAME = "testbed"
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
-def _data(ctx: RunContext, refs: list[DataRef], result: StageResult) -> dict[str, dict[str, str]]:
+def _data(ctx: RunContext, refs: list[DataRef], result: StageResult) -> dict[DataRef, dict[str, str]]:
+    """Each dataset written once; keyed by its full reference (two sizes of one skill are two datasets)."""
     tb = ctx.spec.testbed
     out = {}
-    for ref in sorted(set(refs), key=lambda r: r.name):
+    unique = sorted(set(refs), key=lambda r: (r.name, r.n))
+    for ref in unique:
+        label = ref.name if [r.name for r in unique].count(ref.name) == 1 else f"{ref.name}-n{ref.n}"
         key = content_key(GENERATOR_VERSION, ref, tb.eval_examples)
 
         def build(tmp: Path, run, ref=ref) -> dict[str, float]:
@@ -39,8 +43,8 @@ def _data(ctx: RunContext, refs: list[DataRef], result: StageResult) -> dict[str
             write_jsonl(tmp / "test.jsonl", test)
             return {"train_examples": len(train), "test_examples": len(test)}
 
-        folder = ctx.run_item(NAME, f"data-{ref.name}", key, {"skill": ref.skill, "seed": ref.seed, "n": ref.n}, build, result)
-        out[ref.name] = {"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl"), "key": key}
+        folder = ctx.run_item(NAME, f"data-{label}", key, {"skill": ref.skill, "seed": ref.seed, "n": ref.n}, build, result)
+        out[ref] = {"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl"), "key": key}
     return out
 
 
@@ -49,9 +53,11 @@ def run(ctx: RunContext) -> StageResult:
     result = StageResult(NAME)
     recipes: list[Recipe] = []
     if spec.base == "testbed":
-        recipes = testbed_recipes(sorted({"base-v1", *tb.models}), tb.family, tb.size, spec.seed, tb.pretrain_examples,
-                                  tb.pretrain_steps, tb.pretrain_lr, tb.evolve_steps, tb.align_steps, tb.source_skill,
-                                  tb.source_family)
+        recipes = testbed_recipes(
+            sorted({"base-v1", *tb.models}), family=tb.family, size=tb.size, seed=spec.seed, pretrain_examples=tb.pretrain_examples,
+            pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps, align_steps=tb.align_steps,
+            target_steps=tb.target_steps, source_skill=tb.source_skill, source_family=tb.source_family,
+            source_steps=tb.source_steps, source_replay_fraction=tb.source_replay_fraction)
     refs = [DataRef(s.name, tb.pretrain_examples if s.name == "general" else tb.train_examples, spec.seed)
             for s in spec.skills if s.train is None]
     refs.append(DataRef("general", tb.pretrain_examples, spec.seed))
@@ -61,7 +67,8 @@ def run(ctx: RunContext) -> StageResult:
         refs += [r.data] + ([r.replay] if r.replay else [])
     data = _data(ctx, refs, result)
     result.metrics.clear()  # the summary's headline metrics are the models', not the data files'
-    by_skill = {name.rsplit("-s", 1)[0]: d for name, d in data.items() if name.endswith(f"-s{spec.seed}")}
+    # what the later stages see by skill name: the job's own skill sets win over sets made for a model recipe
+    by_skill = {ref.skill: data[ref] for ref in reversed(refs) if ref.seed == spec.seed}
     for s in spec.skills:
         if s.train is not None:
             by_skill[s.name] = {"train": str(s.train.resolve()), "test": str(s.eval.resolve()),
@@ -87,8 +94,8 @@ def _models(ctx: RunContext, recipes: list[Recipe], data: dict, result: StageRes
     spec, tb = ctx.spec, ctx.spec.testbed
     keys: dict[str, str] = {}
     for r in recipes:
-        keys[r.name] = content_key(r, keys.get(r.parent), data[r.data.name]["key"], r.replay and data[r.replay.name]["key"],
-                                   tb.batch_size, tb.zero_stage, tb.num_workers, spec.train.accelerator, spec.seed)
+        keys[r.name] = content_key(r, keys.get(r.parent), data[r.data]["key"], r.replay and data[r.replay]["key"],
+                                   tb.batch_size, tb.zero_stage, tb.num_workers, spec.train.accelerator, spec.seed, LOOP_VERSION)
     items = [Item(r.name, keys[r.name], {"recipe": r.__dict__}) for r in recipes]
 
     def build(todo) -> dict[str, dict[str, float]]:
@@ -107,11 +114,11 @@ def _models(ctx: RunContext, recipes: list[Recipe], data: dict, result: StageRes
             else:
                 start = str(todo[r.parent][0] if r.parent in todo else ctx.output_path(NAME, r.parent, keys[r.parent]))
             reqs.append(TrainRequest(
-                model_path=start, tokenizer_path=start, data_path=data[r.data.name]["train"], out_dir=str(tmp), mode="full",
+                model_path=start, tokenizer_path=start, data_path=data[r.data]["train"], out_dir=str(tmp), mode="full",
                 steps=r.steps, batch_size=tb.batch_size, lr=r.lr, seed=spec.seed, zero_stage=tb.zero_stage,
                 num_workers=tb.num_workers, accelerator=spec.train.accelerator, warmup_steps=min(100, r.steps // 10),
                 threads_per_worker=spec.train.cpus_per_worker, deepspeed=spec.train.deepspeed,
-                replay_path=r.replay and data[r.replay.name]["train"], replay_fraction=r.replay_fraction,
+                replay_path=r.replay and data[r.replay]["train"], replay_fraction=r.replay_fraction,
                 tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
             ctx.log(f"  testbed/{r.name}: {'from scratch, ' + r.family + '-' + r.size if r.parent is None else 'from ' + r.parent}"
                     f", {r.steps} steps on {r.data.name}")

@@ -17,6 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# Part of every trained output's content key: bump it when a change here changes what a request trains,
+# so outputs cached by an older loop are rebuilt rather than reused (2: replay mixed into every batch).
+LOOP_VERSION = 2
+
 
 def train_loop(config: dict[str, Any]) -> None:
     """Run every job in `config["jobs"]`; see `pipelines.training.trainer.TrainRequest`."""
@@ -41,6 +45,23 @@ def _gathered(params, zero_stage: int):
     import deepspeed
 
     return deepspeed.zero.GatheredParameters(list(params), modifier_rank=None)
+
+
+class _Pool:
+    """Examples served in a fresh seeded shuffle each pass, so every example is seen once per epoch."""
+
+    def __init__(self, examples: list, seed: int, source: str) -> None:
+        if not examples:
+            raise ValueError(f"{source}: too few examples to give every training worker one")
+        self.examples, self.rng, self.order = examples, random.Random(seed), []
+
+    def take(self, n: int) -> list:
+        while len(self.order) < n:
+            fresh = list(range(len(self.examples)))
+            self.rng.shuffle(fresh)
+            self.order += fresh
+        idx, self.order = self.order[:n], self.order[n:]
+        return [self.examples[i] for i in idx]
 
 
 def train_one(cfg: dict[str, Any], rank: int, world: int) -> float:
@@ -73,13 +94,14 @@ def train_one(cfg: dict[str, Any], rank: int, world: int) -> float:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_cfg)
 
     rows = read_jsonl(cfg["data_path"])
+    skill = _Pool(encode_examples(tok, rows, cfg["max_length"], cfg["loss_on"])[rank::world], cfg["seed"] * 1000 + rank,
+                  cfg["data_path"])
+    replay, n_replay = None, 0
     if cfg.get("replay_path") and cfg.get("replay_fraction", 0) > 0:
-        f = cfg["replay_fraction"]
-        replay = read_jsonl(cfg["replay_path"])
-        random.Random(cfg["seed"]).shuffle(replay)
-        rows = rows + replay[: int(len(rows) * f / (1 - f))]
-    shard = encode_examples(tok, rows, cfg["max_length"], cfg["loss_on"])[rank::world]
-    order_rng = random.Random(cfg["seed"] * 1000 + rank)
+        # a fixed share of every batch comes from the whole replay set, however small the skill's data is
+        replay_rows = encode_examples(tok, read_jsonl(cfg["replay_path"]), cfg["max_length"], cfg["loss_on"])[rank::world]
+        replay = _Pool(replay_rows, cfg["seed"] * 1000 + rank + 500, cfg["replay_path"])
+        n_replay = min(cfg["batch_size"] - 1, max(1, round(cfg["batch_size"] * cfg["replay_fraction"])))
 
     tracker = None
     if rank == 0 and cfg.get("tracking_uri") and cfg.get("mlflow_run_id"):
@@ -95,16 +117,11 @@ def train_one(cfg: dict[str, Any], rank: int, world: int) -> float:
             pending.clear()
 
     losses: list[float] = []
-    order: list[int] = []
     t0 = time.time()
     engine.train()
     for step in range(cfg["steps"]):
-        if len(order) < cfg["batch_size"]:
-            fresh = list(range(len(shard)))
-            order_rng.shuffle(fresh)
-            order += fresh
-        idx, order = order[: cfg["batch_size"]], order[cfg["batch_size"]:]
-        batch = {k: v.to(engine.device) for k, v in collate([shard[i] for i in idx], tok.pad_token_id).items()}
+        examples = skill.take(cfg["batch_size"] - n_replay) + (replay.take(n_replay) if replay else [])
+        batch = {k: v.to(engine.device) for k, v in collate(examples, tok.pad_token_id).items()}
         loss = engine(**batch).loss
         engine.backward(loss)
         engine.step()

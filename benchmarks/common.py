@@ -1,0 +1,120 @@
+"""What the testbed benchmarks share: the testbed job's outputs, and accuracy of a base plus deltas.
+
+The method benchmarks (skillpack, continual) start from the experts that `jobs/testbed.yaml` trains;
+running the job through the pipeline reuses whatever it already built under its output folder, so
+they cost only their own grafting and evaluation once the testbed exists.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graft.data import read_jsonl
+from graft.evaluation import exact_match
+from graft.importance import load_scores
+from graft.lora import LowRankDelta, read_lora_deltas
+from pipelines.driver import run_job
+from pipelines.spec import JobSpec, load_job
+
+
+def machine() -> str:
+    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, CPU"
+
+
+@dataclass
+class Testbed:
+    """The base, its tokenizer, each skill's expert deltas, importance scores, packs and held-out sets."""
+
+    spec: JobSpec
+    base: str
+    tokenizer_path: str
+    tokenizer: object
+    skills: list[str]
+    experts: dict[str, dict[str, LowRankDelta]]
+    adapters: dict[str, Path]
+    scores: dict[str, dict[str, torch.Tensor]]
+    packs: dict[str, Path]
+    tests: dict[str, list[dict[str, str]]]
+    train: dict[str, list[dict[str, str]]]
+
+
+def load_testbed(job: str | Path) -> Testbed:
+    """Run (or reuse) the testbed job and collect what the method benchmarks need from it."""
+    from transformers import AutoTokenizer
+
+    spec = load_job(job)
+    results = run_job(spec, Path(job))
+    prep = results["testbed"].info
+    skills = [s.name for s in spec.skills]
+    data = prep["data"]
+    return Testbed(
+        spec=spec, base=prep["base"], tokenizer_path=prep["tokenizer"], tokenizer=AutoTokenizer.from_pretrained(prep["tokenizer"]),
+        skills=skills,
+        experts={s: read_lora_deltas(results["train"].outputs[s]) for s in skills},
+        adapters={s: results["train"].outputs[s] for s in skills},
+        scores={s: load_scores(results["score"].outputs[s] / "scores.safetensors") for s in skills},
+        packs={s: results["pack"].outputs[s] for s in skills},
+        tests={s: read_jsonl(data[s]["test"]) for s in (*skills, "general")},
+        train={s: read_jsonl(data[s]["train"]) for s in (*skills, "general")},
+    )
+
+
+class DeltaEvaluator:
+    """Exact-match accuracy of the base with given per-tensor deltas added, in memory (no files)."""
+
+    def __init__(self, tb: Testbed) -> None:
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.tb = tb
+        self.model = AutoModelForCausalLM.from_pretrained(tb.base, dtype=torch.float32)
+        self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.max_new_tokens = tb.spec.evaluate.max_new_tokens
+
+    def load(self, deltas: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+        state = {k: v.clone() for k, v in self.base_state.items()}
+        for key, d in (deltas or {}).items():
+            state[key] += (d.dense() if isinstance(d, LowRankDelta) else d).to(state[key].dtype).view_as(state[key])
+        self.model.load_state_dict(state)
+        return self.model
+
+    def accuracy(self, deltas: dict[str, torch.Tensor] | None, skills: list[str]) -> dict[str, float]:
+        model = self.load(deltas)
+        return {s: exact_match(model, self.tb.tokenizer, self.tb.tests[s], self.max_new_tokens) for s in skills}
+
+    def model_accuracy(self, model, skills: list[str]) -> dict[str, float]:
+        return {s: exact_match(model, self.tb.tokenizer, self.tb.tests[s], self.max_new_tokens) for s in skills}
+
+
+def state_accuracy(ev: DeltaEvaluator, state: dict[str, torch.Tensor], skills: list[str]) -> dict[str, float]:
+    """Accuracy of a full state dict (e.g. a fusion's output tensors) loaded into the evaluator's model."""
+    ev.model.load_state_dict({k: v.float() for k, v in state.items()})
+    return ev.model_accuracy(ev.model, skills)
+
+
+def fisher_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], batch_size: int = 16,
+              max_length: int = 64) -> dict[str, torch.Tensor]:
+    """Fisher diagonal of `model` on `rows`, keyed like the model's state dict."""
+    from graft.data import collate, encode_examples
+    from graft.importance import SCORES
+
+    enc = encode_examples(tokenizer, rows, max_length)
+    batches = [collate(enc[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(enc), batch_size)]
+    return SCORES.get("fisher")(model, batches).finalize()
+
+
+def expert_input_scales(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:
+    """Per-layer input RMS of the skill's expert on its training data (for calibration-aware packing)."""
+    from graft.calibration import input_scales
+    from graft.data import collate, encode_examples
+    from graft.lora import load_with_adapter
+
+    model = load_with_adapter(tb.base, tb.adapters[skill])
+    enc = encode_examples(tb.tokenizer, tb.train[skill][:examples], 64)
+    batches = [collate(enc[i:i + 32], tb.tokenizer.pad_token_id) for i in range(0, len(enc), 32)]
+    return input_scales(model, batches, list(tb.experts[skill]))

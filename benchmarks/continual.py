@@ -1,0 +1,129 @@
+"""Continual grafting: four skills added one after another, and what each step does to the earlier ones.
+
+Variants, all from the same experts of `jobs/testbed.yaml` and the SkillPacks its pack stage made:
+- `additive`: base + Σ SkillPacks so far;
+- `protected`: importance-protected fusion (each new pack zeroed on the top `--protect` share of the
+  base's and earlier skills' Fisher importance);
+- `routed`: a RoutedModel over the packs so far, its router trained on the skills' training prompts
+  plus general prompts (class "none");
+- `ties`: the merging baseline, TIES of the experts so far (density `--density`).
+After each step every skill added so far (and `general`) is evaluated on its held-out set.
+final_forgetting[skill] = 100 · (accuracy right after it was added − accuracy at the end), in points.
+
+Writes `benchmarks/results/continual.json`:
+  {"machine", "order", "base_accuracy", "variants": {NAME: {"steps": [{"added", "accuracy": {SKILL: acc}}],
+   "final_forgetting": {SKILL: points}, "final_mean_accuracy": float}}, "best": NAME, "target_met": bool}
+and `continual.png`.
+
+    .venv/bin/python benchmarks/continual.py [--job jobs/testbed.yaml] [--protect 0.5] [--density 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import DeltaEvaluator, fisher_on, load_testbed, machine, state_accuracy  # noqa: E402
+
+from graft.adapter_merge import merge_deltas  # noqa: E402
+from graft.checkpoint import CheckpointReader  # noqa: E402
+from graft.fusion import protected_tensors  # noqa: E402
+from graft.grafting import grafted_tensors  # noqa: E402
+from graft.routing import NONE, build_routed  # noqa: E402
+from graft.skillpack import SkillPack  # noqa: E402
+
+ROUTER_PROMPTS = 400
+
+
+def forgetting(steps: list[dict], order: list[str]) -> dict[str, float]:
+    final = steps[-1]["accuracy"]
+    return {s: round(100 * (steps[i]["accuracy"][s] - final[s]), 2) for i, s in enumerate(order)}
+
+
+def plot(variants: dict, order: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(variants), figsize=(3.2 * len(variants), 3), sharey=True)
+    for ax, (name, v) in zip(axes, variants.items()):
+        for skill in [*order, "general"]:
+            xs = [i + 1 for i, st in enumerate(v["steps"]) if skill in st["accuracy"]]
+            ax.plot(xs, [v["steps"][x - 1]["accuracy"][skill] for x in xs], marker="o", label=skill)
+        ax.set_title(name)
+        ax.set_xticks(range(1, len(order) + 1), [f"+{s}" for s in order], rotation=30)
+    axes[0].set_ylabel("held-out exact match")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", default="jobs/testbed.yaml")
+    ap.add_argument("--out", default="benchmarks/results/continual.json")
+    ap.add_argument("--protect", type=float, default=0.5)
+    ap.add_argument("--density", type=float, default=0.5)
+    args = ap.parse_args()
+
+    tb = load_testbed(args.job)
+    ev = DeltaEvaluator(tb)
+    order = tb.skills
+    packs = [SkillPack.load(tb.packs[s]) for s in order]
+    reader = CheckpointReader(tb.base)
+    base_accuracy = ev.accuracy(None, [*order, "general"])
+    base_scores = fisher_on(ev.load(None), tb.tokenizer, tb.train["general"][:256])
+    rng = random.Random(tb.spec.seed)
+
+    def prompts(skill: str) -> list[str]:
+        rows = list(tb.train[skill])
+        rng.shuffle(rows)
+        return [r["prompt"] for r in rows[:ROUTER_PROMPTS]]
+
+    def step_fns():
+        yield "additive", lambda k: state_accuracy(ev, dict(grafted_tensors(reader, packs[:k], [1.0] * k)), seen(k))
+        yield "protected", lambda k: state_accuracy(ev, dict(protected_tensors(
+            reader, packs[:k], [tb.scores[s] for s in order[:k]], args.protect, base_scores)), seen(k))
+
+        def routed(k: int) -> dict[str, float]:
+            by_class = {s: prompts(s) for s in order[:k]} | {NONE: prompts("general")}
+            model = build_routed(tb.base, packs[:k], by_class, seed=tb.spec.seed, tokenizer=tb.tokenizer_path)
+            return ev.model_accuracy(model, seen(k))
+
+        yield "routed", routed
+        yield "ties", lambda k: ev.accuracy(merge_deltas([tb.experts[s] for s in order[:k]], "ties", density=args.density,
+                                                         seed=tb.spec.seed), seen(k))
+
+    def seen(k: int) -> list[str]:
+        return [*order[:k], "general"]
+
+    variants: dict[str, dict] = {}
+    for name, fn in step_fns():
+        steps = []
+        for k in range(1, len(order) + 1):
+            steps.append({"added": order[k - 1], "accuracy": fn(k)})
+            print(name, json.dumps(steps[-1]), flush=True)
+        final = steps[-1]["accuracy"]
+        variants[name] = {"steps": steps, "final_forgetting": forgetting(steps, order),
+                          "final_mean_accuracy": sum(final[s] for s in order) / len(order)}
+    variants["protected"]["protect_fraction"] = args.protect
+    variants["ties"]["density"] = args.density
+    best = max((n for n in variants if n != "ties"), key=lambda n: variants[n]["final_mean_accuracy"])
+    out = {"machine": machine(), "order": order, "base_accuracy": base_accuracy, "variants": variants, "best": best,
+           "target_met": max(variants[best]["final_forgetting"].values()) <= 2.0
+           and variants[best]["final_mean_accuracy"] > variants["ties"]["final_mean_accuracy"]}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(variants, order, Path(args.out).with_suffix(".png"))
+    print(json.dumps({n: {"final_forgetting": v["final_forgetting"], "final_mean_accuracy": v["final_mean_accuracy"]}
+                      for n, v in variants.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
