@@ -84,8 +84,7 @@ class DeltaEvaluator:
         return self.model
 
     def accuracy(self, deltas: dict[str, torch.Tensor] | None, skills: list[str]) -> dict[str, float]:
-        model = self.load(deltas)
-        return {s: exact_match(model, self.tb.tokenizer, self.tb.tests[s], self.max_new_tokens) for s in skills}
+        return self.model_accuracy(self.load(deltas), skills)
 
     def model_accuracy(self, model, skills: list[str]) -> dict[str, float]:
         return {s: exact_match(model, self.tb.tokenizer, self.tb.tests[s], self.max_new_tokens) for s in skills}
@@ -100,21 +99,17 @@ def state_accuracy(ev: DeltaEvaluator, state: dict[str, torch.Tensor], skills: l
 def fisher_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], batch_size: int = 16,
               max_length: int = 64) -> dict[str, torch.Tensor]:
     """Fisher diagonal of `model` on `rows`, keyed like the model's state dict."""
-    from graft.data import collate, encode_examples
+    from graft.data import collated_batches, encode_examples
     from graft.importance import SCORES
 
-    enc = encode_examples(tokenizer, rows, max_length)
-    batches = [collate(enc[i:i + batch_size], tokenizer.pad_token_id) for i in range(0, len(enc), batch_size)]
+    batches = collated_batches(encode_examples(tokenizer, rows, max_length), tokenizer.pad_token_id, batch_size)
     return SCORES.get("fisher")(model, batches).finalize()
 
 
 def expert_input_scales(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:
     """Per-layer input RMS of the skill's expert on its training data (for calibration-aware packing)."""
-    from graft.calibration import input_scales
-    from graft.data import collate, encode_examples
+    from graft.calibration import input_scales_on
     from graft.lora import load_with_adapter
 
     model = load_with_adapter(tb.base, tb.adapters[skill])
-    enc = encode_examples(tb.tokenizer, tb.train[skill][:examples], 64)
-    batches = [collate(enc[i:i + 32], tb.tokenizer.pad_token_id) for i in range(0, len(enc), 32)]
-    return input_scales(model, batches, list(tb.experts[skill]))
+    return input_scales_on(model, tb.tokenizer, tb.train[skill][:examples], list(tb.experts[skill]))

@@ -14,6 +14,8 @@ from collections.abc import Iterable
 
 import torch
 
+from graft.data import collated_batches, encode_examples
+
 EPS_RELATIVE = 1e-4  # channels never driven still get a small scale, so the SVD stays well defined
 
 
@@ -54,3 +56,10 @@ def input_scales(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tenso
         rms = (total / counts[key]).sqrt()
         out[key] = rms.clamp_min(float(rms.max()) * EPS_RELATIVE).contiguous()
     return out
+
+
+def input_scales_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], keys: Iterable[str], max_length: int = 64,
+                    batch_size: int = 32) -> dict[str, torch.Tensor]:
+    """`input_scales` of `model` on prompt/answer `rows` (e.g. a skill's training examples)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return input_scales(model, collated_batches(encode_examples(tokenizer, rows, max_length), pad, batch_size), keys)

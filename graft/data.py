@@ -7,6 +7,7 @@ user's own data drops in wherever a testbed skill would.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +53,12 @@ def encode_examples(
         labels = ([-100] * len(p) if loss_on == "answer" else list(p)) + a
         out.append((ids, labels[:max_length]))
     return out
+
+
+def collated_batches(examples: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Consecutive collated batches of encoded examples, in order (for scoring and calibration passes)."""
+    for i in range(0, len(examples), batch_size):
+        yield collate(examples[i:i + batch_size], pad_id)
 
 
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

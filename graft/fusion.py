@@ -45,12 +45,16 @@ class FusionSettings:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
 
 
+def _write_checkpoint(base: str | Path, folder: Path, tensors: TensorStream, st: FusionSettings) -> None:
+    write_shards(folder, tensors, st.max_shard_bytes)
+    copy_side_files(base, folder)
+
+
 @FUSIONS.register("additive")
 def write_additive(base: str | Path, reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None],
                    folder: Path, st: FusionSettings) -> None:
     """θ_base + scale · Σ_i Δ̂_i, as a checkpoint."""
-    write_shards(folder, grafted_tensors(reader, packs, [st.scale] * len(packs)), st.max_shard_bytes)
-    copy_side_files(base, folder)
+    _write_checkpoint(base, folder, grafted_tensors(reader, packs, [st.scale] * len(packs)), st)
 
 
 @FUSIONS.register("protected")
@@ -59,8 +63,7 @@ def write_protected(base: str | Path, reader: CheckpointReader, packs: Sequence[
     """Packs added in order, each shielded from the top `protect_fraction` of earlier skills' importance."""
     if st.scale != 1.0:
         raise ValueError("protected fusion grafts at scale 1.0")
-    write_shards(folder, protected_tensors(reader, packs, scores, st.protect_fraction, st.base_scores), st.max_shard_bytes)
-    copy_side_files(base, folder)
+    _write_checkpoint(base, folder, protected_tensors(reader, packs, scores, st.protect_fraction, st.base_scores), st)
 
 
 @FUSIONS.register("routed")

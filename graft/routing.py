@@ -291,18 +291,18 @@ class RoutedModel(nn.Module):
 
     # --- routing
     @torch.no_grad()
+    def _features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        with self.deltas_off():
+            feats = pooled_features(self.model, input_ids, attention_mask, self.router.layer)
+        return feats.to(self.router.mean.device)
+
     def weights(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(batch, packs): the weight of each pack (in pack order) for each prompt; all zero means base only."""
-        with self.deltas_off():
-            feats = pooled_features(self.model, input_ids, attention_mask, self.router.layer)
-        return self.router.weights(feats.to(self.router.mean.device))[:, self._pack_class.to(self.router.mean.device)]
+        return self.router.weights(self._features(input_ids, attention_mask))[:, self._pack_class.to(self.router.mean.device)]
 
-    @torch.no_grad()
     def decisions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:
         """The router's most likely class (a skill name or "none") for each prompt."""
-        with self.deltas_off():
-            feats = pooled_features(self.model, input_ids, attention_mask, self.router.layer)
-        return [self.router.classes[i] for i in self.router.logits(feats.to(self.router.mean.device)).argmax(-1).tolist()]
+        return [self.router.classes[i] for i in self.router.logits(self._features(input_ids, attention_mask)).argmax(-1).tolist()]
 
     @contextmanager
     def deltas_off(self) -> Iterator[None]:

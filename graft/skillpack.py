@@ -120,15 +120,21 @@ def _encode_svd_quant(delta: Delta, st: PackSettings,
     return tensors, {"shape": list(shape), "rank": k, "bands": bands, "calibrated": input_scale is not None}
 
 
-def _decode_svd_quant(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+def _svd_factors(t: dict[str, torch.Tensor], meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U·diag(s), V) of an svd_quant entry, dequantized and joined across rank bands: ΔW = U Vᵀ."""
     rows, cols = meta["shape"]
-    out = torch.zeros(rows, cols)
+    us, vs = [torch.zeros(rows, 0)], [torch.zeros(cols, 0)]
     for b in meta["bands"]:
         i, n = b["band"], b["cols"]
-        u = dequantize_columns({p: t[f"u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
-        v = dequantize_columns({p: t[f"v{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (cols, n))
-        out += (u * t["s"][b["start"]:b["start"] + n]) @ v.T
-    return out
+        us.append(dequantize_columns({p: t[f"u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
+                  * t["s"][b["start"]:b["start"] + n])
+        vs.append(dequantize_columns({p: t[f"v{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (cols, n)))
+    return torch.cat(us, dim=1), torch.cat(vs, dim=1)
+
+
+def _decode_svd_quant(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    u, v = _svd_factors(t, meta)
+    return u @ v.T
 
 
 def _dense(delta: Delta) -> torch.Tensor:
@@ -199,8 +205,11 @@ class SkillPack:
 
     def delta(self, key: str) -> torch.Tensor:
         entry = self.manifest["tensors"][key]
-        local = {name.split("::", 1)[1]: self.tensors[name] for name in entry["stored"]}
-        return SCHEMES.get(entry["scheme"]).decode(local, entry)
+        return SCHEMES.get(entry["scheme"]).decode(self._stored(key), entry)
+
+    def _stored(self, key: str) -> dict[str, torch.Tensor]:
+        """The stored tensors of one entry, by their local names (e.g. 's', 'u0.codes')."""
+        return {name.split("::", 1)[1]: self.tensors[name] for name in self.manifest["tensors"][key]["stored"]}
 
     def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(U·diag(s) of shape (out, r), V of shape (in, r)), dequantized, so ΔW = U @ V.T; None unless svd_quant.
@@ -210,16 +219,7 @@ class SkillPack:
         entry = self.manifest["tensors"][key]
         if entry["scheme"] != "svd_quant":
             return None
-        rows, cols = entry["shape"]
-        s = self.tensors[f"{key}::s"]
-        us, vs = [torch.zeros(rows, 0)], [torch.zeros(cols, 0)]
-        for b in entry["bands"]:
-            i, n = b["band"], b["cols"]
-            u = dequantize_columns({p: self.tensors[f"{key}::u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
-            v = dequantize_columns({p: self.tensors[f"{key}::v{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (cols, n))
-            us.append(u * s[b["start"]:b["start"] + n])
-            vs.append(v)
-        return torch.cat(us, dim=1), torch.cat(vs, dim=1)
+        return _svd_factors(self._stored(key), entry)
 
     @property
     def name(self) -> str:

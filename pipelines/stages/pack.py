@@ -51,18 +51,15 @@ def run(ctx: RunContext) -> StageResult:
     return result
 
 
+
 def _input_scales(prep: dict, adapter: str, data: str, keys: list[str], examples: int, max_length: int,
                   trust_remote_code: bool) -> dict:
     """Per-layer input RMS of the expert (base + adapter) on the first `examples` training rows."""
     from transformers import AutoTokenizer
 
-    from graft.calibration import input_scales
-    from graft.data import collate, encode_examples, read_jsonl
+    from graft.calibration import input_scales_on
+    from graft.data import read_jsonl
     from graft.lora import load_with_adapter
 
-    tok = AutoTokenizer.from_pretrained(prep["tokenizer"])
     model = load_with_adapter(prep["base"], adapter, trust_remote_code)
-    enc = encode_examples(tok, read_jsonl(data)[:examples], max_length)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = [collate(enc[i:i + 32], pad) for i in range(0, len(enc), 32)]
-    return input_scales(model, batches, keys)
+    return input_scales_on(model, AutoTokenizer.from_pretrained(prep["tokenizer"]), read_jsonl(data)[:examples], keys, max_length)

@@ -26,7 +26,7 @@ def score_shard(base: str, adapter: str, tokenizer: str, data: str, shard: int, 
     """Partial importance sums of one data shard (runs as a Ray task)."""
     from transformers import AutoTokenizer
 
-    from graft.data import collate, encode_examples, read_jsonl
+    from graft.data import collated_batches, encode_examples, read_jsonl
     from graft.importance import SCORES
     from graft.lora import load_with_adapter
 
@@ -34,9 +34,7 @@ def score_shard(base: str, adapter: str, tokenizer: str, data: str, shard: int, 
     tok = AutoTokenizer.from_pretrained(tokenizer)
     model = load_with_adapter(base, adapter, trust_remote_code)
     rows = read_jsonl(data)[:examples][shard::shards]
-    enc = encode_examples(tok, rows, max_length)
-    batches = (collate(enc[i:i + batch_size], tok.pad_token_id) for i in range(0, len(enc), batch_size))
-    part = SCORES.get(method)(model, batches)
+    part = SCORES.get(method)(model, collated_batches(encode_examples(tok, rows, max_length), tok.pad_token_id, batch_size))
     return {k: v.numpy() for k, v in part.sums.items()}, part.count
 
 

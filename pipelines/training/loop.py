@@ -94,12 +94,12 @@ def train_one(cfg: dict[str, Any], rank: int, world: int) -> float:
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_cfg)
 
     rows = read_jsonl(cfg["data_path"])
-    skill = _Pool(encode_examples(tok, rows, cfg["max_length"], cfg["loss_on"])[rank::world], cfg["seed"] * 1000 + rank,
+    skill = _Pool(encode_examples(tok, rows[rank::world], cfg["max_length"], cfg["loss_on"]), cfg["seed"] * 1000 + rank,
                   cfg["data_path"])
     replay, n_replay = None, 0
     if cfg.get("replay_path") and cfg.get("replay_fraction", 0) > 0:
         # a fixed share of every batch comes from the whole replay set, however small the skill's data is
-        replay_rows = encode_examples(tok, read_jsonl(cfg["replay_path"]), cfg["max_length"], cfg["loss_on"])[rank::world]
+        replay_rows = encode_examples(tok, read_jsonl(cfg["replay_path"])[rank::world], cfg["max_length"], cfg["loss_on"])
         replay = _Pool(replay_rows, cfg["seed"] * 1000 + rank + 500, cfg["replay_path"])
         n_replay = min(cfg["batch_size"] - 1, max(1, round(cfg["batch_size"] * cfg["replay_fraction"])))
 
