@@ -1,8 +1,9 @@
 """HF checkpoint folders in safetensors, read and written tensor by tensor.
 
-Reading opens each shard lazily (`safe_open`), so a tensor is loaded only when asked for. Writing
-fills one shard at a time and flushes it, so peak memory is one output shard plus the tensors in
-flight, not the model. Pickle checkpoints (`.bin`, `.pt`, ...) are refused, never unpickled.
+Reading parses each shard's header once and reads a tensor only when asked for, straight into its
+own memory (`graft.safetensors_io`). Writing fills one shard at a time and flushes it, so peak memory
+is one output shard plus the tensors in flight, not the model; when the output layout is known in
+advance (`stream_shards`), not even a shard waits in memory. Pickle checkpoints (`.bin`, `.pt`, ...) are refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from graft.atomic import atomic_dir
+from graft.safetensors_io import NAMES, SafetensorsError, Slot, TensorEntry, read_header, read_range, read_tensor, stream_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
@@ -51,13 +52,15 @@ class CheckpointReader:
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
         self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[list[int], str]] = {}
+        self._entries: dict[str, TensorEntry] = {}
         for f in weight_files(self.folder):
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    self._where[k] = f
-                    sl = h.get_slice(k)
-                    self._meta[k] = (list(sl.get_shape()), sl.get_dtype())
+            try:
+                entries, _ = read_header(f)
+            except (OSError, SafetensorsError) as e:
+                raise CheckpointError(str(e) if isinstance(e, SafetensorsError) else f"{f}: {e}") from None
+            for k, entry in entries.items():
+                self._where[k] = f
+                self._entries[k] = entry
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -66,22 +69,37 @@ class CheckpointReader:
         return key in self._where
 
     def shape(self, key: str) -> list[int]:
-        return self._meta[key][0]
+        return list(self._entries[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key].dtype
 
     def dtype_name(self, key: str) -> str:
-        return self._meta[key][1]
+        return NAMES[self._entries[key].dtype]
 
     def get(self, key: str) -> torch.Tensor:
+        """The tensor, in memory of its own (writable; the file is not mapped)."""
         if key not in self._where:
             raise CheckpointError(f"{self.folder}: no tensor {key!r}")
-        with safe_open(str(self._where[key]), framework="pt") as h:
-            return h.get_tensor(key)
+        return read_tensor(self._where[key], self._entries[key])
+
+    def get_range(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, read without touching the rest."""
+        if key not in self._where:
+            raise CheckpointError(f"{self.folder}: no tensor {key!r}")
+        return read_range(self._where[key], self._entries[key], start, stop)
+
+    def _storage_order(self) -> list[str]:
+        return sorted(self._where, key=lambda k: (str(self._where[k]), self._entries[k].begin))
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for f in dict.fromkeys(self._where.values()):
-            with safe_open(str(f), framework="pt") as h:
-                for k in h.keys():
-                    yield k, h.get_tensor(k)
+        """Every tensor, file by file in storage order (sequential reads)."""
+        for k in self._storage_order():
+            yield k, self.get(k)
+
+    def layout(self) -> list[Slot]:
+        """Name, shape and dtype of every tensor in `items()` order: what a same-shaped output streams into."""
+        return [Slot(k, self._entries[k].shape, self._entries[k].dtype) for k in self._storage_order()]
 
     def config(self) -> dict:
         path = self.folder / "config.json"
@@ -127,6 +145,33 @@ def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_
             weight_map[k] = final
         total += (folder / final).stat().st_size
     (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _shard_names(count: int) -> list[str]:
+    return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def stream_shards(folder: Path, slots: list[Slot], tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
+    """Like `write_shards` for a layout known in advance: each tensor goes to disk as it arrives.
+
+    `tensors` must come in the order of `slots`, each with the slot's shape and dtype.
+    """
+    groups: list[list[Slot]] = []
+    size = 0
+    for slot in slots:
+        if not groups or (groups[-1] and size + slot.nbytes > max_shard_bytes):
+            groups.append([])
+            size = 0
+        groups[-1].append(slot)
+        size += slot.nbytes
+    names = _shard_names(len(groups))
+    it = iter(tensors)
+    for name, group in zip(names, groups):
+        stream_file(folder / name, group, it)
+    if len(groups) > 1:
+        weight_map = {s.name: n for n, g in zip(names, groups) for s in g}
+        total = sum(s.nbytes for s in slots)
+        (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
 def write_checkpoint(out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], side_files_from: str | Path | None = None,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from graft.atomic import atomic_dir
-from graft.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, copy_side_files, write_shards
+from graft.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, copy_side_files, stream_shards
 from graft.grafting import check_pack, grafted_tensors
 from graft.registry import Registry
 from graft.skillpack import SkillPack, SkillPackError
@@ -46,7 +46,7 @@ class FusionSettings:
 
 
 def _write_checkpoint(base: str | Path, folder: Path, tensors: TensorStream, st: FusionSettings) -> None:
-    write_shards(folder, tensors, st.max_shard_bytes)
+    stream_shards(folder, CheckpointReader(base).layout(), tensors, st.max_shard_bytes)
     copy_side_files(base, folder)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from graft.atomic import atomic_dir
-from graft.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, copy_side_files, write_shards
+from graft.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, copy_side_files, stream_shards
 from graft.fingerprint import compare
 from graft.skillpack import SkillPack, SkillPackError
 
@@ -61,6 +61,6 @@ def graft_into(base: str | Path, packs: Sequence[SkillPack], folder: Path, scale
     if len(scales) != len(packs):
         raise ValueError(f"{len(packs)} packs but {len(scales)} scales")
     drift = {p.name: check_pack(p, reader, allow_base_drift) for p in packs}
-    write_shards(folder, grafted_tensors(reader, packs, scales), max_shard_bytes)
+    stream_shards(folder, reader.layout(), grafted_tensors(reader, packs, scales), max_shard_bytes)
     copy_side_files(base, folder)
     return {"base": str(base), "packs": [p.name for p in packs], "scales": scales, "base_drift": drift}

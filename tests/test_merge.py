@@ -243,3 +243,42 @@ def test_base_tensors_helper_is_deterministic():
     cfg = llama_config(**TINY)
     a, b = base_tensors(cfg), base_tensors(cfg)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- streaming ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "magnitude_prune"])
+def test_streamed_merge_equals_the_in_memory_merge(method, tmp_path):
+    """The executor reads inputs and base chunk by chunk; the result must be what the method computes on whole
+    tensors, including the sampled selection path (a tensor above EXACT_SELECT_MAX) and surplus ties."""
+    from safetensors.torch import save_file
+
+    from graft.merge.base import TensorTask
+
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"model.embed_tokens.weight": (EXACT_SELECT_MAX // 512 + 3, 512), "model.layers.0.mlp.up_proj.weight": (48, 32)}
+    models = {}
+    for i, name in enumerate(("base", "a", "b")):
+        # deltas rounded to a coarse grid: many exact ties at the selection threshold
+        models[name] = {k: (torch.randn(s, generator=gen) * 0.02 if i == 0 else models["base"][k] + torch.round(
+            torch.randn(s, generator=gen) * 8) / 400) for k, s in shapes.items()}
+        (tmp_path / name).mkdir()
+        save_file(models[name], str(tmp_path / name / "model.safetensors"))
+    per = [{"weight": 1.0, "density": 0.3}, {"weight": 0.7, "density": 0.6}]
+    cfg = {"merge_method": method, "base_model": str(tmp_path / "base"), "parameters": {"normalize": True},
+           "models": [{"model": str(tmp_path / n), "parameters": p} for n, p in zip("ab", per)]}
+    if method == "task_arithmetic":
+        cfg["models"] = [{"model": m["model"], "parameters": {"weight": m["parameters"]["weight"]}} for m in cfg["models"]]
+    plan = plan_merge(load_merge_config(write_yaml(tmp_path / "m.yaml", cfg)))
+    assert plan.spec.streams_base
+    merged = read_all(run_merge(plan.config, tmp_path / "out", seed=3))
+    for tp in plan.tensors:
+        task = TensorTask(tp.name, [models[n][tp.name].clone() for n in "ab"], models["base"][tp.name].clone(),
+                          tp.params, list(tp.model_params), seed=3)
+        assert torch.equal(merged[tp.name], MERGE_METHODS.get(method)(task)), tp.name
+    big = "model.embed_tokens.weight"
+    if method in ("ties", "magnitude_prune"):  # exactly int(density * n) entries of the first delta survive
+        only_a = read_all(run_merge(load_merge_config(write_yaml(tmp_path / "a.yaml", {**cfg, "models": cfg["models"][:1]})),
+                                    tmp_path / "out_a"))
+        kept = int(torch.count_nonzero(only_a[big] != models["base"][big]))
+        assert kept == int(0.3 * models["base"][big].numel())

@@ -71,9 +71,23 @@ class MethodSpec:
     base: BasePolicy = BasePolicy.REQUIRED
     min_inputs: int = 1
     max_inputs: int | None = None
+    streams_base: bool = False  # reads the base by flat ranges (`TensorTask.base_flat`), never whole
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
+
+
+@dataclass(frozen=True)
+class Flat:
+    """A tensor seen flat and read by element ranges: a view of memory, or fresh reads from a file."""
+
+    numel: int
+    read: Callable[[slice], torch.Tensor]
+
+    @staticmethod
+    def of(t: torch.Tensor) -> "Flat":
+        v = t.view(-1)
+        return Flat(v.numel(), v.__getitem__)
 
 
 @dataclass
@@ -83,6 +97,9 @@ class TensorTask:
     `tensors` are the inputs other than the base when the method takes deltas against a base, and all
     inputs (in config order) otherwise. `model_params[i]` holds the per-input parameters of `tensors[i]`.
     Tensors are already in the compute dtype and may be modified in place: the executor owns them.
+    For a method registered with `streams_base`, the executor leaves `tensors` empty and `base` None
+    and gives `sources` and `base_source` instead: the inputs and the base as `Flat` readers of fresh
+    element ranges in the compute dtype, so no input of a large tensor is ever held whole.
     """
 
     name: str
@@ -91,7 +108,19 @@ class TensorTask:
     params: dict[str, Any]
     model_params: list[dict[str, Any]]
     seed: int = 0
+    sources: list[Flat] | None = None
+    base_source: Flat | None = None
     _generators: dict[int, torch.Generator] = field(default_factory=dict, repr=False)
+
+    @property
+    def inputs(self) -> list[Flat]:
+        """The inputs as flat readers, in memory or streamed."""
+        return self.sources if self.sources is not None else [Flat.of(t) for t in self.tensors]
+
+    @property
+    def base_flat(self) -> Flat | None:
+        """The base as a flat reader, in memory or streamed (None without a base)."""
+        return Flat.of(self.base) if self.base is not None else self.base_source
 
     def generator(self, index: int) -> torch.Generator:
         """A generator for input `index` seeded from (seed, tensor name, index): the draw for one tensor
@@ -107,11 +136,11 @@ MERGE_METHODS: Registry[MergeFn] = Registry("merge method")
 
 
 def merge_method(name: str, params: tuple[Param, ...], base: BasePolicy = BasePolicy.REQUIRED,
-                 min_inputs: int = 1, max_inputs: int | None = None) -> Callable[[MergeFn], MergeFn]:
+                 min_inputs: int = 1, max_inputs: int | None = None, streams_base: bool = False) -> Callable[[MergeFn], MergeFn]:
     """Register `fn` under `name` in `MERGE_METHODS` and attach its `MethodSpec` as `fn.spec`."""
 
     def add(fn: MergeFn) -> MergeFn:
-        fn.spec = MethodSpec(name, params, base, min_inputs, max_inputs)  # type: ignore[attr-defined]
+        fn.spec = MethodSpec(name, params, base, min_inputs, max_inputs, streams_base)  # type: ignore[attr-defined]
         return MERGE_METHODS.register(name)(fn)
 
     return add

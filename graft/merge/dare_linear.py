@@ -13,7 +13,7 @@ from graft.merge.base import TensorTask, merge_method, task_arithmetic_params
 from graft.merge.task_vectors import merge_task_vectors, random_survivors
 
 
-@merge_method("dare_linear", params=task_arithmetic_params(normalize=False, rescale=True))
+@merge_method("dare_linear", params=task_arithmetic_params(normalize=False, rescale=True), streams_base=True)
 def dare_linear(task: TensorTask) -> torch.Tensor:
     """Randomly dropped and rescaled deltas, summed with their weights."""
     return merge_task_vectors(task, sparsify=random_survivors, consensus=False)

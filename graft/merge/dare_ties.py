@@ -11,7 +11,7 @@ from graft.merge.base import TensorTask, merge_method, task_arithmetic_params
 from graft.merge.task_vectors import merge_task_vectors, random_survivors
 
 
-@merge_method("dare_ties", params=task_arithmetic_params(normalize=False, rescale=True))
+@merge_method("dare_ties", params=task_arithmetic_params(normalize=False, rescale=True), streams_base=True)
 def dare_ties(task: TensorTask) -> torch.Tensor:
     """Randomly dropped deltas, sign-elected and summed."""
     return merge_task_vectors(task, sparsify=random_survivors, consensus=True)

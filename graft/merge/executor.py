@@ -2,15 +2,18 @@
 
 Planning opens every model lazily (headers only), checks that all models hold the same tensor names
 and shapes, and resolves every parameter for every tensor, so a bad config or a mismatched model fails
-before anything is written. Execution then, for each tensor name, reads that tensor from each model,
-merges it with the registered method and hands it to the streaming shard writer: peak memory is one
-output shard plus the tensors in flight, never a whole model. Config and tokenizer files come from the
-base model (or `tokenizer_source`); the YAML is kept beside the weights as `graft_merge.yml`.
+before anything is written. The output layout (names, shapes, dtypes) is then known, so each shard
+file gets its header first and every merged tensor goes to disk as soon as it is computed, in plan
+order. The task-arithmetic family (`streams_base` methods) reads its inputs and base chunk by chunk
+straight from the checkpoint files, so the only whole tensors in memory are the results being
+written; other methods (linear, slerp) read each input tensor whole. Config and tokenizer files come
+from the base model (or `tokenizer_source`); the YAML is kept beside the weights as `graft_merge.yml`.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections import deque
@@ -24,13 +27,14 @@ from typing import Any
 import torch
 
 from graft.atomic import atomic_dir
-from graft.checkpoint import CheckpointReader, copy_side_files, write_shards
-from graft.merge.base import MERGE_METHODS, BasePolicy, MethodSpec, Scope, TensorTask, spec_of
+from graft.checkpoint import CheckpointReader, copy_side_files, stream_shards
+from graft.merge.base import MERGE_METHODS, BasePolicy, Flat, MethodSpec, Scope, TensorTask, spec_of
 from graft.merge.config import MergeConfig, MergeConfigError, load_merge_config
 from graft.merge.params import LAYER, layer_t, resolve
+from graft.safetensors_io import Slot
 
-DEFAULT_SHARD_BYTES = 128 * 1024**2  # small shards keep peak memory low; HF loads any number of them
-DEFAULT_INFLIGHT_BYTES = 256 * 1024**2  # inputs of the tensors being merged concurrently
+DEFAULT_SHARD_BYTES = 128 * 1024**2  # shard files are streamed, not buffered: the size only sets the file count
+DEFAULT_INFLIGHT_BYTES = 64 * 1024**2  # inputs of the tensors being merged concurrently (one tensor always proceeds)
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece")
 
 
@@ -130,12 +134,19 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _load(reader: CheckpointReader, name: str, cast: torch.dtype | None) -> torch.Tensor:
-    # safetensors hands out tensors backed by a private mmap of the file: writing to them in place would
-    # copy pages on write while the file pages stay resident (2x memory). Take a private copy instead.
-    t = reader.get(name)
+    t = reader.get(name)  # memory of its own: the methods work in place on it
     if cast is not None and t.is_floating_point() and t.dtype != cast:
         return t.to(cast)
-    return t.clone()
+    return t
+
+
+def _flat(reader: CheckpointReader, name: str, numel: int, cast: torch.dtype | None, compute: torch.dtype) -> Flat:
+    def read(s: slice) -> torch.Tensor:
+        start, stop, _ = s.indices(numel)
+        t = reader.get_range(name, start, stop)
+        return (t.to(cast) if cast is not None else t).to(compute)
+
+    return Flat(numel, read)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -156,30 +167,50 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, seed: int = 0) -> torch.Tensor
     cfg = plan.config
     ref = plan.reference
     out_dtype = cfg.out_dtype or cfg.dtype
-    tensors = [_load(r, tp.name, cfg.dtype) for r in plan.inputs]
-    base = _load(plan.base, tp.name, cfg.dtype) if plan.base is not None else None
-    first = base if base is not None else tensors[0]
-    if not first.is_floating_point():
-        for r, t in zip(plan.inputs, tensors):
+    stored = ref.dtype(tp.name)
+    if not stored.is_floating_point:
+        first = ref.get(tp.name)
+        for r in (*plan.inputs, *([plan.base] if plan.base is not None else [])):
+            t = r.get(tp.name)
             if t.dtype != first.dtype or not torch.equal(t, first):
                 raise ValueError(f"{r.folder}: non-floating tensor {tp.name!r} differs from {ref.folder}; cannot merge it")
         return first
-    compute = _compute_dtype(first.dtype)
-    task = TensorTask(tp.name, [t.to(compute) for t in tensors], base.to(compute) if base is not None else None,
-                      tp.params, list(tp.model_params), seed)
-    del tensors, base
+    compute = _compute_dtype(cfg.dtype or stored)
+    if plan.spec.streams_base:  # inputs and base read by ranges: none of them is ever whole in memory
+        numel = math.prod(ref.shape(tp.name))
+        sources = [_flat(r, tp.name, numel, cfg.dtype, compute) for r in plan.inputs]
+        base = _flat(plan.base, tp.name, numel, cfg.dtype, compute) if plan.base is not None else None
+        task = TensorTask(tp.name, [], None, tp.params, list(tp.model_params), seed, sources=sources, base_source=base)
+    else:
+        tensors = [_load(r, tp.name, cfg.dtype).to(compute) for r in plan.inputs]
+        base = _load(plan.base, tp.name, cfg.dtype).to(compute) if plan.base is not None else None
+        task = TensorTask(tp.name, tensors, base, tp.params, list(tp.model_params), seed)
+        del tensors, base
     result = MERGE_METHODS.get(cfg.merge_method)(task)
     if not _all_finite(result):
         raise _non_finite_error(plan, tp.name)
-    return result.to(out_dtype or first.dtype)
+    return result.to(out_dtype or stored).view(ref.shape(tp.name))
+
+
+def _slots(plan: MergePlan) -> list[Slot]:
+    """The output layout, known before anything is merged: the shard files are streamed, never buffered."""
+    cfg, ref = plan.config, plan.reference
+    slots = []
+    for tp in plan.tensors:
+        stored = ref.dtype(tp.name)
+        dtype = (cfg.out_dtype or cfg.dtype or stored) if stored.is_floating_point else stored
+        slots.append(Slot(tp.name, tuple(ref.shape(tp.name)), dtype))
+    return slots
 
 
 def _bytes_in_flight(plan: MergePlan, tp: TensorPlan) -> int:
-    """Rough memory one tensor's merge holds: every input plus the base, in the compute dtype."""
+    """Rough memory one tensor's merge holds, in the compute dtype: the result, or every input and the base."""
     numel = 1
     for d in plan.reference.shape(tp.name):
         numel *= d
-    return 4 * numel * (len(plan.inputs) + 1)
+    if plan.spec.streams_base:
+        return 4 * numel  # the result; inputs are read chunk by chunk
+    return 4 * numel * (len(plan.inputs) + (plan.base is not None))
 
 
 @contextmanager
@@ -203,6 +234,8 @@ def _iter_merged(plan: MergePlan, seed: int, workers: int, budget: int) -> Itera
         with _one_intra_op_thread():
             for tp in plan.tensors:
                 cost = _bytes_in_flight(plan, tp)
+                if cost > budget // 2:  # a large tensor merges alone: nothing else is in flight beside it
+                    cost = max(cost, budget)
                 while pending and (len(pending) >= workers or in_flight + cost > budget):
                     name, future, done_cost = pending.popleft()
                     yield name, future.result()
@@ -248,7 +281,7 @@ def execute_plan(plan: MergePlan, out: str | Path, seed: int = 0, max_shard_byte
     """
     workers = max(1, workers or os.cpu_count() or 1)
     with atomic_dir(out) as tmp:
-        write_shards(tmp, _iter_merged(plan, seed, workers, max_inflight_bytes), max_shard_bytes)
+        stream_shards(tmp, _slots(plan), _iter_merged(plan, seed, workers, max_inflight_bytes), max_shard_bytes)
         _finish_side_files(plan, tmp)
     return Path(out)
 

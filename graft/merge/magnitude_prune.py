@@ -13,7 +13,7 @@ from graft.merge.base import TensorTask, merge_method, task_arithmetic_params
 from graft.merge.task_vectors import magnitude_survivors, merge_task_vectors
 
 
-@merge_method("magnitude_prune", params=task_arithmetic_params(normalize=False, rescale=False))
+@merge_method("magnitude_prune", params=task_arithmetic_params(normalize=False, rescale=False), streams_base=True)
 def magnitude_prune(task: TensorTask) -> torch.Tensor:
     """Magnitude-trimmed deltas summed with their weights."""
     return merge_task_vectors(task, sparsify=magnitude_survivors, consensus=False)

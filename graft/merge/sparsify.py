@@ -4,10 +4,11 @@ Semantics of mergekit 0.1.5: magnitude pruning keeps exactly `max(1, int(density
 random pruning keeps each entry with probability `density`, and `rescale` multiplies the survivors so
 that the tensor's L1 norm is unchanged (1/density in expectation for DARE). `density >= 1` keeps all.
 
-Speed: a full sort of a 25M-entry tensor costs seconds on CPU, so the k-th largest magnitude is found
-exactly by bracketing it with a small random sample and selecting inside the bracket; and all passes
-run over cache-sized chunks (`CHUNK`), so temporaries never cost a fresh, page-faulting allocation
-the size of the tensor.
+Speed and memory: a full sort of a 25M-entry tensor costs seconds on CPU, so the k-th largest
+magnitude is found exactly by bracketing it with a small random sample and selecting inside the
+bracket; and every pass runs over cache-sized chunks (`CHUNK`) of a `Flat` source, so a task vector
+need not be in memory at all (the executor reads it from the checkpoints chunk by chunk) and
+temporaries never cost a fresh, page-faulting allocation the size of the tensor.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import math
 
 import torch
 
-CHUNK = 1 << 18  # elements per chunk (1 MiB of fp32): a chunk's temporaries stay in cache
+from graft.merge.base import Flat
+
+CHUNK = 1 << 15  # elements per chunk (128 KiB of fp32): a chunk's temporaries stay in cache
 EXACT_SELECT_MAX = 1 << 20  # below this size torch.kthvalue on the whole tensor is cheap enough
 SAMPLE = 1 << 16  # sample size used to bracket the k-th largest magnitude of a big tensor
 RESCALE_EPS = 1e-7  # mergekit leaves a tensor unscaled when either L1 norm is below this
@@ -27,28 +30,39 @@ def chunks(n: int) -> list[slice]:
     return [slice(i, min(n, i + CHUNK)) for i in range(0, n, CHUNK)]
 
 
-def kth_largest_abs(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
-    """(t, c): t is the k-th largest |x| of a 1-D tensor (exact) and c how many entries have |x| >= t."""
-    n = flat.numel()
+def _flat(source: torch.Tensor | Flat) -> Flat:
+    return source if isinstance(source, Flat) else Flat.of(source)
+
+
+def kth_largest_abs(source: torch.Tensor | Flat, k: int) -> tuple[torch.Tensor, int]:
+    """(t, c): t is the k-th largest |x| of a flat tensor (exact) and c how many entries have |x| >= t."""
+    src = _flat(source)
+    n = src.numel
     if n <= EXACT_SELECT_MAX:
-        mag = flat.abs()
+        mag = src.read(slice(0, n)).abs()
         t = torch.kthvalue(mag, n - k + 1).values
         return t, int(torch.count_nonzero(mag >= t))
     gen = torch.Generator().manual_seed(n)
-    sample = flat[torch.randint(n, (SAMPLE,), generator=gen)].abs().sort().values
+    picks = torch.randint(n, (SAMPLE,), generator=gen).sort().values
+    bounds = torch.searchsorted(picks, torch.tensor([c.start for c in chunks(n)] + [n]))
+    parts = []
+    for i, s in enumerate(chunks(n)):
+        if bounds[i + 1] > bounds[i]:
+            parts.append(src.read(s)[picks[bounds[i]:bounds[i + 1]] - s.start].abs())
+    sample = torch.cat(parts).sort().values
     q = 1.0 - k / n
     margin = 6.0 * math.sqrt(q * (1.0 - q) / SAMPLE) + 4.0 / SAMPLE  # ~6 sigma of the sample quantile
     lo = sample[max(0, int((q - margin) * SAMPLE))]
     hi = sample[min(SAMPLE - 1, math.ceil((q + margin) * SAMPLE))]
     above, inside = 0, []
     for s in chunks(n):
-        a = flat[s].abs()
+        a = src.read(s).abs()
         above += int(torch.count_nonzero(a > hi))
         inside.append(a[(a >= lo) & (a <= hi)])
     window = torch.cat(inside)
     rank = k - above  # rank of the answer within the bracket, counted from the top
     if not 1 <= rank <= window.numel():  # the bracket missed (vanishingly rare): exact but slow
-        mag = flat.abs()
+        mag = src.read(slice(0, n)).abs()
         t = torch.kthvalue(mag, n - k + 1).values
         return t, int(torch.count_nonzero(mag >= t))
     t = torch.kthvalue(window, window.numel() - rank + 1).values
@@ -67,91 +81,99 @@ def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class Survivors:
-    """The surviving entries of one flat task vector, applied chunk by chunk: `delta[s] * keep(s) * scale`."""
+    """Which entries of one flat task vector survive, chunk by chunk: `values * keep(s, values) * scale`."""
 
-    def __init__(self, delta: torch.Tensor) -> None:
+    def __init__(self, delta: Flat) -> None:
         self.delta = delta
         self.scale = 1.0
-        self.removed_l1 = 0.0  # L1 mass zeroed before `rescale_l1` runs (surplus ties), still part of "before"
 
-    def keep(self, s: slice) -> torch.Tensor | None:
-        """Boolean mask of the survivors in chunk `s` (None: all survive)."""
+    def keep(self, s: slice, values: torch.Tensor) -> torch.Tensor | None:
+        """Boolean mask of the survivors among `values` = chunk `s` of the delta (None: all survive)."""
         return None
 
     def rescale_l1(self) -> None:
         """Scale the survivors so the L1 norm of the tensor is what it was before dropping (mergekit's rescale)."""
-        before, after = self.removed_l1, 0.0
-        for s in chunks(self.delta.numel()):
-            a = self.delta[s].abs()
+        before, after = 0.0, 0.0
+        for s in chunks(self.delta.numel):
+            a = self.delta.read(s).abs()
             before += float(a.sum())
-            keep = self.keep(s)
+            keep = self.keep(s, a)
             after += float(a.mul_(keep).sum()) if keep is not None else float(a.sum())
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
             self.scale = before / after
 
 
 class MagnitudeSurvivors(Survivors):
-    """The `max(1, int(density * n))` largest |delta| survive (exactly that many: surplus ties are zeroed)."""
+    """The `max(1, int(density * n))` largest |delta| survive (exactly that many: surplus ties, highest
+    indices first, are dropped)."""
 
-    def __init__(self, delta: torch.Tensor, density: float) -> None:
+    def __init__(self, delta: Flat, density: float) -> None:
         super().__init__(delta)
-        n = delta.numel()
+        n = delta.numel
         self.threshold: torch.Tensor | None = None
-        if density >= 1 or n == 0:
-            return
-        if density <= 0:
-            delta.zero_()
+        self.nothing = density <= 0 and n > 0
+        self.dropped: dict[int, torch.Tensor] = {}  # chunk start -> indices (within the chunk) of surplus ties
+        if density >= 1 or n == 0 or self.nothing:
             return
         k = max(1, int(density * n))
         self.threshold, count = kth_largest_abs(delta, k)
         surplus = count - k
-        for s in reversed(chunks(n)):  # drop surplus ties at the threshold, highest indices first
+        for s in reversed(chunks(n)):
             if surplus <= 0:
                 break
-            ties = (delta[s].abs() == self.threshold).nonzero().view(-1)
+            ties = (delta.read(s).abs() == self.threshold).nonzero().view(-1)
             drop = ties[max(0, ties.numel() - surplus):]
-            delta[s][drop] = 0
+            if drop.numel():
+                self.dropped[s.start] = drop
             surplus -= drop.numel()
-            self.removed_l1 += float(self.threshold) * drop.numel()
 
-    def keep(self, s: slice) -> torch.Tensor | None:
-        return None if self.threshold is None else self.delta[s].abs() >= self.threshold
+    def keep(self, s: slice, values: torch.Tensor) -> torch.Tensor | None:
+        if self.nothing:
+            return torch.zeros(values.shape, dtype=torch.bool)
+        if self.threshold is None:
+            return None
+        mask = values.abs() >= self.threshold
+        drop = self.dropped.get(s.start)
+        if drop is not None:
+            mask[drop] = False
+        return mask
 
 
 class RandomSurvivors(Survivors):
     """Each entry survives with probability `density`, drawn chunk by chunk from `generator`."""
 
-    def __init__(self, delta: torch.Tensor, density: float, generator: torch.Generator) -> None:
+    def __init__(self, delta: Flat, density: float, generator: torch.Generator) -> None:
         super().__init__(delta)
         self.mask: torch.Tensor | None = None
         if density >= 1:
             return
-        self.mask = torch.empty(delta.numel(), dtype=torch.bool)
-        draw = torch.empty(min(CHUNK, delta.numel()), dtype=torch.float32)
-        for s in chunks(delta.numel()):
+        self.mask = torch.empty(delta.numel, dtype=torch.bool)
+        draw = torch.empty(min(CHUNK, delta.numel), dtype=torch.float32)
+        for s in chunks(delta.numel):
             u = draw[: s.stop - s.start]
             torch.rand(u.shape, generator=generator, out=u)
             torch.lt(u, density, out=self.mask[s])
 
-    def keep(self, s: slice) -> torch.Tensor | None:
+    def keep(self, s: slice, values: torch.Tensor) -> torch.Tensor | None:
         return None if self.mask is None else self.mask[s]
 
 
 def magnitude_(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """Whole-tensor form of TIES' trim, in place (used by tests and by callers outside the executor)."""
-    return _apply(MagnitudeSurvivors(delta.view(-1), density), rescale, delta)
+    return _apply(MagnitudeSurvivors(Flat.of(delta), density), rescale, delta)
 
 
 def random_(delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator) -> torch.Tensor:
     """Whole-tensor form of DARE's drop (and rescale), in place."""
-    return _apply(RandomSurvivors(delta.view(-1), density, generator), rescale, delta)
+    return _apply(RandomSurvivors(Flat.of(delta), density, generator), rescale, delta)
 
 
 def _apply(survivors: Survivors, rescale: bool, delta: torch.Tensor) -> torch.Tensor:
     if rescale:
         survivors.rescale_l1()
-    for s in chunks(delta.numel()):
-        keep = survivors.keep(s)
+    flat = delta.view(-1)
+    for s in chunks(flat.numel()):
+        keep = survivors.keep(s, flat[s])
         if keep is not None:
-            survivors.delta[s].mul_(keep)
+            flat[s].mul_(keep)
     return delta.mul_(survivors.scale) if survivors.scale != 1.0 else delta

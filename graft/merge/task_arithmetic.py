@@ -12,7 +12,7 @@ from graft.merge.base import TensorTask, merge_method, task_arithmetic_params
 from graft.merge.task_vectors import merge_task_vectors
 
 
-@merge_method("task_arithmetic", params=task_arithmetic_params(normalize=False, rescale=False))
+@merge_method("task_arithmetic", params=task_arithmetic_params(normalize=False, rescale=False), streams_base=True)
 def task_arithmetic(task: TensorTask) -> torch.Tensor:
     """Base plus the weighted sum of the deltas."""
     return merge_task_vectors(task, sparsify=None, consensus=False)

@@ -11,8 +11,10 @@ This is mergekit's "generalized task arithmetic" recipe, which `task_arithmetic`
    δ_i and divide by Σ weight_i (`normalize`);
 4. θ = θ_base + lambda · Σ.
 
-Steps 2-4 are elementwise, so they run chunk by chunk (see `sparsify.CHUNK`) into the base's own
-buffer: besides the inputs, memory in flight is a few chunk-sized temporaries.
+Steps 2-4 are elementwise, so they run chunk by chunk (see `sparsify.CHUNK`): besides the inputs,
+memory in flight is a few chunk-sized temporaries. Inputs and base are only ever read chunk by chunk
+(`Flat`), so when the executor streams them from the checkpoints the only whole tensor in memory
+is the result.
 """
 
 from __future__ import annotations
@@ -21,69 +23,78 @@ from collections.abc import Callable
 
 import torch
 
-from graft.merge.base import TensorTask
+from graft.merge.base import Flat, TensorTask
 from graft.merge.sparsify import MagnitudeSurvivors, RandomSurvivors, Survivors, chunks
 
-SurvivorsFn = Callable[[torch.Tensor, float, torch.Generator], Survivors]
+SurvivorsFn = Callable[[Flat, float, torch.Generator], Survivors]
 
 
-def magnitude_survivors(delta: torch.Tensor, density: float, generator: torch.Generator) -> Survivors:
+def magnitude_survivors(delta: Flat, density: float, generator: torch.Generator) -> Survivors:
     """TIES' trim (deterministic: the generator is unused)."""
     return MagnitudeSurvivors(delta, density)
 
 
-def random_survivors(delta: torch.Tensor, density: float, generator: torch.Generator) -> Survivors:
+def random_survivors(delta: Flat, density: float, generator: torch.Generator) -> Survivors:
     """DARE's random drop."""
     return RandomSurvivors(delta, density, generator)
 
 
+class _Delta(Flat):
+    """θ_i − θ_base, chunk by chunk (a fresh tensor per read, which the caller may modify)."""
+
+    def __init__(self, model: Flat, base: Flat) -> None:
+        super().__init__(model.numel, lambda s: model.read(s).sub(base.read(s)))
+
+
 def merge_task_vectors(task: TensorTask, sparsify: SurvivorsFn | None, consensus: bool) -> torch.Tensor:
-    """Merge `task.tensors` into `task.base` as described in the module docstring (in place)."""
-    base = task.base
+    """Merge the task's inputs onto its base as described in the module docstring; a new tensor."""
+    base = task.base_flat
     assert base is not None, "task-arithmetic methods are planned with a base"
-    if not task.tensors:
-        return base
-    flat_base = base.view(-1)
+    shape = task.base.shape if task.base is not None else task.tensors[0].shape if task.tensors else None
+    out = torch.empty(base.numel, dtype=task.base.dtype if task.base is not None else base.read(slice(0, 0)).dtype)
     weights = [float(p["weight"]) for p in task.model_params]
     survivors = []
-    for i, tensor in enumerate(task.tensors):
-        delta = tensor.view(-1).sub_(flat_base)
-        s = sparsify(delta, float(task.model_params[i]["density"]), task.generator(i)) if sparsify else Survivors(delta)
+    for i, model in enumerate(task.inputs):
+        delta = _Delta(model, base)
+        sv = sparsify(delta, float(task.model_params[i]["density"]), task.generator(i)) if sparsify else Survivors(delta)
         if sparsify and task.params["rescale"]:
-            s.rescale_l1()
-        survivors.append(s)
+            sv.rescale_l1()
+        survivors.append(sv)
 
     normalize = bool(task.params["normalize"])
     lam = float(task.params["lambda"])
-    total_weight = torch.tensor(weights, dtype=flat_base.dtype).sum().item()
+    total_weight = torch.tensor(weights, dtype=out.dtype).sum().item()
     plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
-    for s in chunks(flat_base.numel()):
+    for s in chunks(base.numel):
+        mixed = out[s].copy_(base.read(s))
+        if not survivors:
+            continue
         deltas = []
         for w, sv in zip(weights, survivors):
-            d = sv.delta[s]
-            keep = sv.keep(s)
+            d = sv.delta.read(s)
+            keep = sv.keep(s, d)
             if keep is not None:
                 d.mul_(keep)
             if sv.scale != 1.0:
                 d.mul_(sv.scale)
             deltas.append(d.mul_(w))
-        mixed = deltas[0].clone()
+        total = deltas[0].clone()
         for d in deltas[1:]:
-            mixed.add_(d)
+            total.add_(d)
         if consensus:
-            positive = mixed >= 0  # the elected sign per coordinate: the sign of the summed weighted deltas
-            mixed.zero_()
-            divisor = torch.zeros_like(mixed) if normalize else None
+            positive = total >= 0  # the elected sign per coordinate: the sign of the summed weighted deltas
+            total.zero_()
+            divisor = torch.zeros_like(total) if normalize else None
             for w, d in zip(weights, deltas):
                 agree = torch.where(positive, d > 0, d < 0)
-                mixed.add_(d.mul_(agree))
+                total.add_(d.mul_(agree))
                 if divisor is not None:
                     divisor.add_(agree, alpha=w)
             if divisor is not None:
-                mixed.div_(divisor.masked_fill_(divisor == 0, 1))
+                total.div_(divisor.masked_fill_(divisor == 0, 1))
         elif normalize:
-            mixed.div_(plain_divisor)
+            total.div_(plain_divisor)
         if lam != 1:
-            mixed.mul_(lam)
-        flat_base[s].add_(mixed)
-    return base
+            total.mul_(lam)
+        mixed.add_(total)
+    return out.view(shape) if shape is not None else out

@@ -14,7 +14,7 @@ from graft.merge.base import TensorTask, merge_method, task_arithmetic_params
 from graft.merge.task_vectors import magnitude_survivors, merge_task_vectors
 
 
-@merge_method("ties", params=task_arithmetic_params(normalize=True, rescale=False))
+@merge_method("ties", params=task_arithmetic_params(normalize=True, rescale=False), streams_base=True)
 def ties(task: TensorTask) -> torch.Tensor:
     """Magnitude-trimmed, sign-elected merge of the deltas."""
     return merge_task_vectors(task, sparsify=magnitude_survivors, consensus=True)
