@@ -71,7 +71,7 @@ class MethodSpec:
     base: BasePolicy = BasePolicy.REQUIRED
     min_inputs: int = 1
     max_inputs: int | None = None
-    streams_base: bool = False  # reads the base by flat ranges (`TensorTask.base_flat`), never whole
+    streams_base: bool = False  # reads inputs and base by element ranges (`TensorTask.inputs`, `base_flat`), never whole
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
