@@ -134,21 +134,19 @@ def write_shards(folder: Path, tensors: Iterable[tuple[str, torch.Tensor]], max_
         current[name] = t
         size += nbytes
     flush()
-    if len(names) == 1:
-        (folder / "shard-00000.safetensors").rename(folder / "model.safetensors")
-        return
-    weight_map, total = {}, 0
-    for i, keys in enumerate(names):
-        final = f"model-{i + 1:05d}-of-{len(names):05d}.safetensors"
+    finals = _shard_names(len(names))
+    for i, final in enumerate(finals):
         (folder / f"shard-{i:05d}.safetensors").rename(folder / final)
-        for k in keys:
-            weight_map[k] = final
-        total += (folder / final).stat().st_size
-    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    if len(finals) > 1:
+        _write_index(folder, {k: f for f, keys in zip(finals, names) for k in keys}, sum((folder / f).stat().st_size for f in finals))
 
 
 def _shard_names(count: int) -> list[str]:
     return ["model.safetensors"] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+
+
+def _write_index(folder: Path, weight_map: dict[str, str], total_size: int) -> None:
+    (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1))
 
 
 def stream_shards(folder: Path, slots: list[Slot], tensors: Iterable[tuple[str, torch.Tensor]], max_shard_bytes: int) -> None:
@@ -169,9 +167,7 @@ def stream_shards(folder: Path, slots: list[Slot], tensors: Iterable[tuple[str, 
     for name, group in zip(names, groups):
         stream_file(folder / name, group, it)
     if len(groups) > 1:
-        weight_map = {s.name: n for n, g in zip(names, groups) for s in g}
-        total = sum(s.nbytes for s in slots)
-        (folder / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        _write_index(folder, {s.name: n for n, g in zip(names, groups) for s in g}, sum(s.nbytes for s in slots))
 
 
 def write_checkpoint(out: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], side_files_from: str | Path | None = None,

@@ -171,6 +171,8 @@ def merge_tensor(plan: MergePlan, tp: TensorPlan, seed: int = 0) -> torch.Tensor
     if not stored.is_floating_point:
         first = ref.get(tp.name)
         for r in (*plan.inputs, *([plan.base] if plan.base is not None else [])):
+            if r is ref:
+                continue
             t = r.get(tp.name)
             if t.dtype != first.dtype or not torch.equal(t, first):
                 raise ValueError(f"{r.folder}: non-floating tensor {tp.name!r} differs from {ref.folder}; cannot merge it")
@@ -205,9 +207,7 @@ def _slots(plan: MergePlan) -> list[Slot]:
 
 def _bytes_in_flight(plan: MergePlan, tp: TensorPlan) -> int:
     """Rough memory one tensor's merge holds, in the compute dtype: the result, or every input and the base."""
-    numel = 1
-    for d in plan.reference.shape(tp.name):
-        numel *= d
+    numel = math.prod(plan.reference.shape(tp.name))
     if plan.spec.streams_base:
         return 4 * numel  # the result; inputs are read chunk by chunk
     return 4 * numel * (len(plan.inputs) + (plan.base is not None))
@@ -234,8 +234,6 @@ def _iter_merged(plan: MergePlan, seed: int, workers: int, budget: int) -> Itera
         with _one_intra_op_thread():
             for tp in plan.tensors:
                 cost = _bytes_in_flight(plan, tp)
-                if cost > budget // 2:  # a large tensor merges alone: nothing else is in flight beside it
-                    cost = max(cost, budget)
                 while pending and (len(pending) >= workers or in_flight + cost > budget):
                     name, future, done_cost = pending.popleft()
                     yield name, future.result()
