@@ -82,12 +82,13 @@ class Flat:
     """A tensor seen flat and read by element ranges: a view of memory, or fresh reads from a file."""
 
     numel: int
+    dtype: torch.dtype
     read: Callable[[slice], torch.Tensor]
 
     @staticmethod
     def of(t: torch.Tensor) -> "Flat":
         v = t.view(-1)
-        return Flat(v.numel(), v.__getitem__)
+        return Flat(v.numel(), v.dtype, v.__getitem__)
 
 
 @dataclass

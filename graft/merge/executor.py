@@ -146,7 +146,7 @@ def _flat(reader: CheckpointReader, name: str, numel: int, cast: torch.dtype | N
         t = reader.get_range(name, start, stop)
         return (t.to(cast) if cast is not None else t).to(compute)
 
-    return Flat(numel, read)
+    return Flat(numel, compute, read)
 
 
 def _all_finite(t: torch.Tensor) -> bool:

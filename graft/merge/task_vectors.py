@@ -39,23 +39,21 @@ def random_survivors(delta: Flat, density: float, generator: torch.Generator) ->
     return RandomSurvivors(delta, density, generator)
 
 
-class _Delta(Flat):
+def _delta(model: Flat, base: Flat) -> Flat:
     """θ_i − θ_base, chunk by chunk (a fresh tensor per read, which the caller may modify)."""
-
-    def __init__(self, model: Flat, base: Flat) -> None:
-        super().__init__(model.numel, lambda s: model.read(s).sub(base.read(s)))
+    return Flat(model.numel, model.dtype, lambda s: model.read(s).sub(base.read(s)))
 
 
 def merge_task_vectors(task: TensorTask, sparsify: SurvivorsFn | None, consensus: bool) -> torch.Tensor:
-    """Merge the task's inputs onto its base as described in the module docstring; a new tensor."""
+    """Merge the task's inputs onto its base as described in the module docstring; a new tensor
+    (flat when the base was streamed: the executor knows the shape)."""
     base = task.base_flat
     assert base is not None, "task-arithmetic methods are planned with a base"
-    shape = task.base.shape if task.base is not None else task.tensors[0].shape if task.tensors else None
-    out = torch.empty(base.numel, dtype=task.base.dtype if task.base is not None else base.read(slice(0, 0)).dtype)
+    out = torch.empty(base.numel, dtype=base.dtype)
     weights = [float(p["weight"]) for p in task.model_params]
     survivors = []
     for i, model in enumerate(task.inputs):
-        delta = _Delta(model, base)
+        delta = _delta(model, base)
         sv = sparsify(delta, float(task.model_params[i]["density"]), task.generator(i)) if sparsify else Survivors(delta)
         if sparsify and task.params["rescale"]:
             sv.rescale_l1()
@@ -97,4 +95,4 @@ def merge_task_vectors(task: TensorTask, sparsify: SurvivorsFn | None, consensus
         if lam != 1:
             total.mul_(lam)
         mixed.add_(total)
-    return out.view(shape) if shape is not None else out
+    return out.view(task.base.shape) if task.base is not None else out
