@@ -106,10 +106,13 @@ def fisher_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], bat
     return SCORES.get("fisher")(model, batches).finalize()
 
 
-def expert_input_scales(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:
-    """Per-layer input RMS of the skill's expert on its training data (for calibration-aware packing)."""
-    from graft.calibration import input_scales_on
+def expert_input_moments(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:
+    """Each layer's input second moment in the skill's expert, on the mix it was trained on: `examples`
+    of its training rows plus the replayed share of `general` (as the pipeline's pack stage does)."""
+    from graft.calibration import input_moments_on
     from graft.lora import load_with_adapter
 
+    fraction = tb.spec.train.replay_fraction
+    rows = tb.train[skill][:examples] + tb.train["general"][:round(examples * fraction / (1 - fraction))]
     model = load_with_adapter(tb.base, tb.adapters[skill])
-    return input_scales_on(model, tb.tokenizer, tb.train[skill][:examples], list(tb.experts[skill]))
+    return input_moments_on(model, tb.tokenizer, rows, list(tb.experts[skill]))

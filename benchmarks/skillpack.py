@@ -2,9 +2,13 @@
 
 For each testbed skill, from the LoRA expert that `jobs/testbed.yaml` trains:
 - `full_delta`: the expert itself (ΔW = B A, stored dense in bf16: the reference bytes);
-- `skillpack`: SkillPacks over a grid of energy β, bits per rank band and importance-based tensor
-  selection (`min_importance_share`), plain and calibration-aware (SVD weighted by each layer's input
-  RMS on the skill's training data), each grafted alone into the base;
+- `skillpack`: SkillPacks, each grafted alone into the base, over two grids:
+  - the energy rule: β × bits per rank band × importance-based tensor selection (`min_importance_share`),
+    plain and with the SVD weighted by each layer's input RMS (`weighted_svd`);
+  - the budget rule: at most 1/15 of the bf16 delta, ranks allocated across matrices by energy,
+    importance (the skill's Fisher scores) or both, rounded to nearest or GPTQ-style against each layer's
+    inputs (calibration: the expert on its training rows plus the replayed share of `general`);
+    and the best of those at other budgets, to show where each skill reaches 95%;
 - `magnitude_prune`: the expert's delta pruned by magnitude to the bytes of the reference SkillPack
   (6 bytes per kept entry: int32 index + bf16 value), grafted alone;
 - `task_arithmetic`, `ties`, `dare_ties`: the usual way to put the experts in one model, a merge of
@@ -15,6 +19,7 @@ Writes `benchmarks/results/skillpack.json`:
   {"machine", "base_accuracy", "expert_accuracy",
    "rows": [{"skill", "method", "settings", "bytes", "bytes_ratio", "accuracy", "general_accuracy", "gain_retained"}],
    "target": {SKILL: {"best_within_1_15": row, "met": bool}}}
+and `benchmarks/results/skillpack.png` (gain retained against bytes, per skill).
 
     .venv/bin/python benchmarks/skillpack.py [--job jobs/testbed.yaml] [--out benchmarks/results/skillpack.json]
 """
@@ -22,6 +27,7 @@ Writes `benchmarks/results/skillpack.json`:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import math
@@ -30,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DeltaEvaluator, expert_input_scales, load_testbed, machine  # noqa: E402
+from common import DeltaEvaluator, expert_input_moments, load_testbed, machine  # noqa: E402
 
 from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
@@ -41,14 +47,54 @@ from graft.skillpack import PackSettings, pack_skill  # noqa: E402
 ENERGIES = (0.8, 0.9, 0.95, 0.99)
 BITS = (((8, 4), (0.5, 0.5)), ((4,), (1.0,)), ((4, 2), (0.75, 0.25)), ((4, 2), (0.5, 0.5)))
 MIN_SHARES = (0.0, 0.005)
-CALIBRATED = (((4,), (1.0,)), ((4, 2), (0.75, 0.25)))  # bits grids also run calibration-aware (activation-weighted SVD)
+WEIGHTED = (((4,), (1.0,)), ((4, 2), (0.75, 0.25)))  # bits grids also run with the activation-weighted SVD
 TARGET_RATIO = 1 / 15
+BUDGET_BITS = (((4,), (1.0,)), ((3,), (1.0,)), ((4, 3), (0.5, 0.5)))
+ALLOCATIONS = ("energy", "importance", "energy_importance")
+QUANTIZERS = ("rtn", "gptq")
+CURVE = (1 / 25, 1 / 20, 1 / 12, 1 / 10, 1 / 8)  # budgets the best 1/15 budget setting is also run at
 SPARSE_ENTRY_BYTES = 6
 MERGES = {"task_arithmetic": {}, "ties": {}, "dare_ties": {}}
 
 
 def gain(acc: float, base: float, expert: float) -> float:
     return (acc - base) / (expert - base) if expert > base else float("nan")
+
+
+class SkillRows:
+    """The rows of one skill: each a pack (or the expert, or a pruned delta) grafted alone into the base."""
+
+    def __init__(self, tb, ev: DeltaEvaluator, reader: CheckpointReader, skill: str, base_acc: dict[str, float], rows: list[dict]) -> None:
+        self.tb, self.ev, self.reader, self.skill, self.rows = tb, ev, reader, skill, rows
+        self.deltas = tb.experts[skill]
+        self.bf16 = sum(2 * math.prod(d.shape) for d in self.deltas.values())
+        self.base = base_acc[skill]
+        self.expert_acc = ev.accuracy(self.deltas, [skill, "general"])
+        self.share = {k: v["share"] for k, v in module_summary(tb.scores[skill]).items()}
+        self.moments = expert_input_moments(tb, skill)
+        self.packed: list[dict] = []
+
+    def row(self, method: str, settings: dict, nbytes: int, accuracy: dict[str, float]) -> dict:
+        r = {"skill": self.skill, "method": method, "settings": settings, "bytes": nbytes, "bytes_ratio": nbytes / self.bf16,
+             "accuracy": accuracy[self.skill], "general_accuracy": accuracy["general"],
+             "gain_retained": gain(accuracy[self.skill], self.base, self.expert_acc[self.skill])}
+        self.rows.append(r)
+        print(json.dumps(r), flush=True)
+        return r
+
+    def pack(self, settings: PackSettings, min_share: float = 0.0) -> dict:
+        kept = {k: d for k, d in self.deltas.items() if self.share.get(k, 1.0) >= min_share}
+        pack = pack_skill(self.skill, kept, base_fingerprint(self.reader, list(kept)), settings, calibration=self.moments,
+                          importance={k: self.tb.scores[self.skill][k] for k in kept})
+        described = {"energy": settings.energy, "bits": list(settings.bits), "band_fractions": list(settings.band_fractions),
+                     "min_importance_share": min_share, "tensors": len(kept), "weighted_svd": settings.weighted_svd,
+                     "budget": settings.budget, "allocation": settings.allocation, "quantizer": settings.quantizer}
+        for unused in (("budget", "allocation") if settings.budget is None else ("energy",)):
+            del described[unused]
+        accuracy = self.ev.accuracy({k: pack.delta(k) for k in pack.keys()}, [self.skill, "general"])
+        r = self.row("skillpack", described, pack.manifest["total_bytes"], accuracy)
+        self.packed.append(r)
+        return r
 
 
 def main() -> None:
@@ -65,39 +111,27 @@ def main() -> None:
     expert_acc: dict[str, dict[str, float]] = {}
     reference: dict[str, dict] = {}
     for skill in tb.skills:
-        deltas = tb.experts[skill]
-        bf16 = sum(2 * math.prod(d.shape) for d in deltas.values())
-        entries = sum(math.prod(d.shape) for d in deltas.values())
-        acc = ev.accuracy(deltas, [skill, "general"])
-        expert_acc[skill] = acc
-        b, e = base_acc[skill], acc[skill]
-
-        def row(method: str, settings: dict, nbytes: int, accuracy: dict[str, float], skill=skill, b=b, e=e, bf16=bf16) -> dict:
-            r = {"skill": skill, "method": method, "settings": settings, "bytes": nbytes, "bytes_ratio": nbytes / bf16,
-                 "accuracy": accuracy[skill], "general_accuracy": accuracy["general"], "gain_retained": gain(accuracy[skill], b, e)}
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-            return r
-
-        row("full_delta", {"lora_rank": next(iter(deltas.values())).A.shape[0]}, bf16, acc)
-        share = {k: v["share"] for k, v in module_summary(tb.scores[skill]).items()}
-        scales = expert_input_scales(tb, skill)
-        packed = []
-        grid = [(e, b, m, False) for e, b, m in itertools.product(ENERGIES, BITS, MIN_SHARES)]
-        grid += [(e, b, 0.0, True) for e, b in itertools.product(ENERGIES, CALIBRATED)]
-        for energy, (bits, bands), min_share, calibrated in grid:
-            kept = {k: d for k, d in deltas.items() if share.get(k, 1.0) >= min_share}
-            pack = pack_skill(skill, kept, base_fingerprint(reader, list(kept)),
-                              PackSettings(energy=energy, bits=bits, band_fractions=bands), input_scales=scales if calibrated else None)
-            settings = {"energy": energy, "bits": list(bits), "band_fractions": list(bands), "min_importance_share": min_share,
-                        "tensors": len(kept), "calibrated": calibrated}
-            packed.append(row("skillpack", settings, pack.manifest["total_bytes"],
-                              ev.accuracy({k: pack.delta(k) for k in pack.keys()}, [skill, "general"])))
-        small = [r for r in packed if r["bytes_ratio"] <= TARGET_RATIO]
-        reference[skill] = max(small, key=lambda r: (r["gain_retained"], -r["bytes"])) if small else min(packed, key=lambda r: r["bytes"])
+        sk = SkillRows(tb, ev, reader, skill, base_acc, rows)
+        expert_acc[skill] = sk.expert_acc
+        sk.row("full_delta", {"lora_rank": next(iter(sk.deltas.values())).A.shape[0]}, sk.bf16, sk.expert_acc)
+        for energy, (bits, bands), min_share in itertools.product(ENERGIES, BITS, MIN_SHARES):
+            sk.pack(PackSettings(energy=energy, bits=bits, band_fractions=bands), min_share)
+        for energy, (bits, bands) in itertools.product(ENERGIES, WEIGHTED):
+            sk.pack(PackSettings(energy=energy, bits=bits, band_fractions=bands, weighted_svd=True))
+        budgeted = {}
+        for (bits, bands), allocation, quantizer in itertools.product(BUDGET_BITS, ALLOCATIONS, QUANTIZERS):
+            st = PackSettings(bits=bits, band_fractions=bands, budget=TARGET_RATIO, allocation=allocation, quantizer=quantizer)
+            budgeted[st] = sk.pack(st)["gain_retained"]
+        best = max(budgeted, key=budgeted.get)
+        for budget in CURVE:
+            sk.pack(dataclasses.replace(best, budget=budget))
+        small = [r for r in sk.packed if r["bytes_ratio"] <= TARGET_RATIO]
+        smallest = min(sk.packed, key=lambda r: r["bytes"])
+        reference[skill] = max(small, key=lambda r: (r["gain_retained"], -r["bytes"])) if small else smallest
+        entries = sum(math.prod(d.shape) for d in sk.deltas.values())
         density = min(1.0, reference[skill]["bytes"] / (SPARSE_ENTRY_BYTES * entries))
-        pruned = merge_deltas([deltas], "ties", density=density)  # one input: TIES is magnitude pruning
-        row("magnitude_prune", {"density": density}, reference[skill]["bytes"], ev.accuracy(pruned, [skill, "general"]))
+        pruned = merge_deltas([sk.deltas], "ties", density=density)  # one input: TIES is magnitude pruning
+        sk.row("magnitude_prune", {"density": density}, reference[skill]["bytes"], ev.accuracy(pruned, [skill, "general"]))
         reference[skill]["density"] = density
 
     experts = [tb.experts[s] for s in tb.skills]
@@ -120,7 +154,45 @@ def main() -> None:
     out = {"machine": machine(), "base_accuracy": base_acc, "expert_accuracy": expert_acc, "rows": rows, "target": target}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(out, Path(args.out).with_suffix(".png"))
     print(json.dumps(target, indent=1))
+
+
+def plot(out: dict, path: Path) -> None:
+    """Gain retained against bytes (fraction of the bf16 delta), one panel per skill, 1/15 and 95% marked."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skills = list(out["expert_accuracy"])
+    fig, axes = plt.subplots(1, len(skills), figsize=(4 * len(skills), 3.6), sharey=True)
+    kinds = {"energy rule": ("o", "tab:blue"), "budget, rtn": ("s", "tab:orange"), "budget, gptq": ("D", "tab:green"),
+             "magnitude_prune": ("x", "tab:red"), "ties": ("^", "tab:purple")}
+
+    def kind(r: dict) -> str | None:
+        if r["method"] == "skillpack":
+            return "energy rule" if "budget" not in r["settings"] else f"budget, {r['settings']['quantizer']}"
+        return r["method"] if r["method"] in kinds else None
+
+    for ax, skill in zip(axes, skills):
+        for name, (marker, color) in kinds.items():
+            pts = [(r["bytes_ratio"], r["gain_retained"]) for r in out["rows"] if r["skill"] == skill and kind(r) == name]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, color=color, s=18, label=name, alpha=0.8)
+        ax.axvline(TARGET_RATIO, color="grey", ls="--", lw=0.8)
+        ax.axhline(0.95, color="grey", ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ticks = [1 / n for n in (40, 25, 15, 10, 6, 4)]
+        ax.set_xticks(ticks, [f"1/{round(1 / t)}" for t in ticks])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(skill)
+        ax.set_xlabel("bytes / bf16 delta")
+    axes[0].set_ylabel("gain retained")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -90,7 +90,11 @@ def save_scores(scores: dict[str, torch.Tensor], path: str | Path, method: str, 
 
 
 def load_scores(path: str | Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path))
+    """Scores saved by `save_scores`; a file that is not safetensors is a ValueError naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a file it cannot parse
+        raise ValueError(f"{path}: not a safetensors scores file ({e})") from None
 
 
 def module_summary(scores: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:

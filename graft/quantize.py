@@ -1,51 +1,157 @@
-"""Round-to-nearest quantization of matrix columns to 2, 4 or 8 bits, bit-packed into bytes.
+"""Quantization of matrix columns to 1–8 bits, bit-packed into bytes.
 
-Each column gets its own asymmetric range (min and step, kept in fp16). Codes are packed 8/bits to
-a byte, so the bytes on disk really are the compressed size.
+Each column gets its own asymmetric grid (min and step, kept in fp16), its range clipped where that
+lowers the column's squared rounding error. Codes are packed as one bit
+stream, `bits` bits per code, so the bytes on disk really are the compressed size (3 bits per code
+take 3/8 of a byte, not a half).
+
+Two ways to choose the codes, registered by name in `QUANTIZERS`:
+- `rtn`: round each entry to the nearest grid point;
+- `gptq`: GPTQ (Frantar et al. 2022) for a matrix that multiplies inputs with second moment H: entries
+  are rounded one input dimension at a time and each rounding error is pushed onto the dimensions not
+  yet rounded, through H⁻¹, so the error in the *output* on such inputs is what gets minimized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
 import torch
 
-VALID_BITS = (2, 4, 8)
+from graft.registry import Registry
+
+VALID_BITS = tuple(range(1, 9))
+CLIP_FACTORS = tuple(1.0 - 0.05 * i for i in range(11))  # 1.0 .. 0.5 of each column's half-range
+DAMPING = 0.01  # GPTQ: fraction of the mean diagonal added to H, so H⁻¹ exists when inputs are degenerate
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor."""
+    """Pack integer codes in [0, 2**bits) into a flat uint8 tensor of ceil(n·bits/8) bytes."""
     if bits not in VALID_BITS:
         raise ValueError(f"bits must be one of {VALID_BITS}, got {bits}")
-    flat = codes.reshape(-1).to(torch.uint8)
-    per = 8 // bits
-    pad = (-flat.numel()) % per
+    flat = codes.reshape(-1).to(torch.int64)
+    stream = ((flat[:, None] >> torch.arange(bits)) & 1).reshape(-1)
+    pad = (-stream.numel()) % 8
     if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    flat = flat.view(-1, per)
-    out = torch.zeros(flat.shape[0], dtype=torch.uint8)
-    for i in range(per):
-        out |= flat[:, i] << (bits * i)
-    return out
+        stream = torch.cat([stream, stream.new_zeros(pad)])
+    return (stream.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    cols = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(cols, dim=1).reshape(-1)[:numel]
+    """The `numel` codes of `pack_bits` output, as int64."""
+    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[: numel * bits]
+    return (stream.view(numel, bits) << torch.arange(bits)).sum(1)
+
+
+def column_grid(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column (min, step) in fp16: 2**bits levels over each column's range, shrunk about its middle by
+    whichever of CLIP_FACTORS gives the least squared rounding error (a few clipped outliers buy a finer
+    step for all other entries; at 3 bits this matters)."""
+    x = x.float()
+    lo0, hi0 = x.min(dim=0).values, x.max(dim=0).values
+    mid, half = (lo0 + hi0) / 2, (hi0 - lo0) / 2
+    best_lo = best_step = best_err = None
+    for factor in CLIP_FACTORS:
+        lo = (mid - factor * half).half()
+        step = (2 * factor * half / ((1 << bits) - 1)).clamp_min(1e-12).half().clamp_min(torch.finfo(torch.float16).tiny)
+        err = (round_to_grid(x, lo, step, bits) * step.float() + lo.float() - x).pow(2).sum(dim=0)
+        if best_err is None:
+            best_lo, best_step, best_err = lo, step, err
+            continue
+        better = err < best_err
+        best_lo, best_step, best_err = torch.where(better, lo, best_lo), torch.where(better, step, best_step), torch.minimum(err, best_err)
+    return best_lo, best_step
+
+
+def round_to_grid(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes of `x` on the grid (broadcast over rows), against the fp16 grid stored, so decode matches encode."""
+    return torch.round((x - lo.float()) / step.float()).clamp(0, (1 << bits) - 1)
+
+
+def encode_codes(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    return {"codes": pack_bits(codes, bits), "min": lo, "step": step}
 
 
 def quantize_columns(x: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
-    """Quantize each column of a 2-D tensor; returns packed codes, per-column min and step."""
-    x = x.float()
-    lo = x.min(dim=0).values
-    hi = x.max(dim=0).values
-    step = ((hi - lo) / ((1 << bits) - 1)).clamp_min(1e-12)
-    lo16, step16 = lo.half(), step.half()
-    # quantize against the fp16 parameters actually stored, so decode matches encode exactly
-    codes = torch.round((x - lo16.float()) / step16.float().clamp_min(1e-12)).clamp(0, (1 << bits) - 1)
-    return {"codes": pack_bits(codes, bits), "min": lo16, "step": step16}
+    """Round-to-nearest of each column of a 2-D tensor; returns packed codes, per-column min and step."""
+    lo, step = column_grid(x, bits)
+    return encode_codes(round_to_grid(x.float(), lo, step, bits), lo, step, bits)
 
 
 def dequantize_columns(q: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]) -> torch.Tensor:
     codes = unpack_bits(q["codes"], bits, shape[0] * shape[1]).float().view(shape)
     return codes * q["step"].float() + q["min"].float()
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """`quantize(m, bits, hessian, along)` → (codes, min, step); `calibrated`: it uses the input moments."""
+
+    quantize: Callable[[torch.Tensor, Sequence[int], torch.Tensor | None, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    calibrated: bool
+
+
+# A quantizer turns a matrix M (rows × cols, quantized per column, `bits[j]` bits for column j) into
+# integer codes and its per-column grid. `hessian` is the second moment of the inputs M multiplies,
+# over M's rows (`along="rows"`: the product is Mᵀx, as for V in U Vᵀ x) or over its columns
+# (`along="cols"`: the product is M z, as for U); rtn ignores it.
+QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
+
+
+def _grids(m: torch.Tensor, bits: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    pairs = [column_grid(m[:, j:j + 1], b) for j, b in enumerate(bits)]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+def _levels(bits: Sequence[int]) -> torch.Tensor:
+    return torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float64)
+
+
+def rtn(m: torch.Tensor, bits: Sequence[int], hessian: torch.Tensor | None = None, along: str = "rows"):
+    lo, step = _grids(m, bits)
+    codes = torch.round((m.double() - lo.double()) / step.double()).clamp(min=0)
+    return torch.minimum(codes, _levels(bits)).long(), lo, step
+
+
+def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damping)⁻¹, the GPTQ update rows."""
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += DAMPING * torch.diag(h).mean() * torch.eye(h.shape[0], dtype=h.dtype)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+
+
+def gptq(m: torch.Tensor, bits: Sequence[int], hessian: torch.Tensor | None, along: str = "rows"):
+    if hessian is None:
+        return rtn(m, bits)
+    hinv = _inverse_cholesky(hessian)
+    levels = _levels(bits)
+    if along == "rows":  # grids fixed up front; rows (input dimensions) rounded in turn
+        lo, step = _grids(m, bits)
+        w = m.double().clone()
+        codes = torch.zeros_like(w, dtype=torch.long)
+        lo64, step64 = lo.double(), step.double()
+        for i in range(w.shape[0]):
+            c = torch.minimum(torch.round((w[i] - lo64) / step64).clamp(min=0), levels)
+            codes[i] = c.long()
+            err = (w[i] - (c * step64 + lo64)) / hinv[i, i]
+            w[i + 1:] -= hinv[i, i + 1:, None] * err[None, :]
+        return codes, lo, step
+    # along == "cols": columns rounded in turn, each on a grid fitted to it as it stands then
+    w = m.double().clone()
+    codes, los, steps = torch.zeros_like(w, dtype=torch.long), [], []
+    for j, b in enumerate(bits):
+        lo, step = column_grid(w[:, j:j + 1], b)
+        c = torch.minimum(torch.round((w[:, j] - lo.double()) / step.double()).clamp(min=0), levels[j])
+        codes[:, j] = c.long()
+        err = (w[:, j] - (c * step.double() + lo.double())) / hinv[j, j]
+        w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
+        los.append(lo)
+        steps.append(step)
+    return codes, torch.cat(los), torch.cat(steps)
+
+
+QUANTIZERS.register("rtn")(Quantizer(rtn, calibrated=False))
+QUANTIZERS.register("gptq")(Quantizer(gptq, calibrated=True))

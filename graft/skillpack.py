@@ -2,11 +2,17 @@
 
 Module-aware compression of Δ = θ_after − θ_before:
 - embeddings and LM head: magnitude pruning, the top-α fraction of entries kept (`magnitude_prune`);
-- attention and MLP matrices: truncated SVD, rank = the smallest k holding a fraction β of Σσ²,
-  then U and V quantized round-to-nearest by rank band, e.g. 8 bits for the leading columns and 4 or
-  2 for the rest (`svd_quant`). Calibration-aware when given each layer's input scale
-  s_j = sqrt(E[x_j²]) on the skill's data: the SVD is of Δ·diag(s), so the kept directions are the
-  ones that move the layer's output on real inputs, not the largest in weight space (ΔW ≈ U Σ (V/s)ᵀ);
+- attention and MLP matrices: truncated SVD ΔW ≈ U Vᵀ (`svd_quant`), then U and V quantized column by
+  column, with more bits for the leading rank band than for the tail (e.g. 8/4, or 3 throughout).
+  The rank of each matrix comes from one of two rules:
+  - energy: the smallest k holding a fraction β of that matrix's Σσ²;
+  - budget: the whole pack gets at most a fraction of the bf16 delta's bytes, and ranks go to whichever
+    matrix's next direction holds the most σ² per byte, across all matrices.
+  Calibration (the second moment H = E[xxᵀ] of each layer's inputs on the skill's data,
+  `graft.calibration.input_moments`) makes it calibration-aware: with the `gptq` quantizer V is rounded
+  GPTQ-style against H, U is refit to the rounded V (least squares in the output on such inputs) and
+  then rounded GPTQ-style too; with `weighted_svd` the SVD is of Δ·diag(s), s = sqrt(diag H), so the
+  kept directions are the ones that move the layer's output, not the largest in weight space.
 - vectors (norms, biases): fp16 (`dense`).
 A folder holds `pack.safetensors` (the compressed tensors: bytes on disk are the compressed bytes)
 and `skillpack.json` (format version, base fingerprint, per-tensor scheme and bytes, source info,
@@ -16,6 +22,7 @@ checksums). Loading verifies the checksums, so a tampered pack is refused.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import math
 from collections.abc import Callable
@@ -26,13 +33,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from graft.atomic import atomic_dir
+from graft.calibration import rms_scales
 from graft.lora import LowRankDelta
-from graft.quantize import dequantize_columns, quantize_columns
+from graft.quantize import QUANTIZERS, dequantize_columns, encode_codes
 from graft.registry import Registry
 
 FORMAT = "graftline.skillpack"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: singular values folded into U; v1 packs (a separate `s`) still load
 EMBEDDING_MARKERS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
+GRID_BYTES = 4  # fp16 min + fp16 step per quantized column
 
 Delta = torch.Tensor | LowRankDelta
 
@@ -47,11 +56,15 @@ class PackSettings:
     bits: tuple[int, ...] = (8, 4)
     band_fractions: tuple[float, ...] = (0.5, 0.5)
     keep_fraction: float = 0.1  # α for embeddings / head
+    budget: float | None = None  # at most this fraction of the bf16 delta's bytes; ranks allocated across matrices instead of by β
+    quantizer: str = "rtn"  # a graft.quantize.QUANTIZERS name; "gptq" needs calibration
+    weighted_svd: bool = False  # SVD of Δ·diag(input RMS); needs calibration
+    allocation: str = "energy"  # a RANK_VALUES name: what a direction is worth when `budget` shares bytes out
 
 
 @dataclass(frozen=True)
 class Scheme:
-    # encode(delta, settings, input_scale): input_scale is the layer's per-input-channel calibration scale, or None
+    # encode(delta, settings, moment): moment is the layer's input second moment (in × in), or None
     encode: Callable[[Delta, PackSettings, torch.Tensor | None], tuple[dict[str, torch.Tensor], dict]]
     decode: Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
 
@@ -59,8 +72,19 @@ class Scheme:
 SCHEMES: Registry[Scheme] = Registry("compression scheme")
 
 
-def _svd(delta: Delta, input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, int]]:
-    """U, S, V with delta ≈ U diag(S) Vᵀ; for a LoRA delta through QR of the factors, never densifying B A.
+@dataclass(frozen=True)
+class Factors:
+    """delta ≈ U diag(S) Vᵀ with S descending; `weighted` when the SVD was of delta·diag(input RMS)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    v: torch.Tensor
+    shape: tuple[int, int]
+    weighted: bool
+
+
+def factorize(delta: Delta, input_scale: torch.Tensor | None = None) -> Factors:
+    """The SVD of a delta; for a LoRA delta through QR of the factors, never densifying B A.
 
     With `input_scale` (one value per input channel) the SVD is of delta·diag(scale), and V comes back
     divided by the scale, so U diag(S) Vᵀ is still the delta and S ranks directions by their effect on
@@ -82,7 +106,7 @@ def _svd(delta: Delta, input_scale: torch.Tensor | None = None) -> tuple[torch.T
         v = vh.T
     if scale is not None:
         v = v / scale[:, None]
-    return u, s, v, tuple(delta.shape)
+    return Factors(u, s, v, tuple(delta.shape), scale is not None)
 
 
 def energy_rank(s: torch.Tensor, energy: float) -> int:
@@ -103,31 +127,125 @@ def _bands(k: int, fractions: tuple[float, ...]) -> list[int]:
     return out
 
 
-def _encode_svd_quant(delta: Delta, st: PackSettings,
-                      input_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    u, s, v, shape = _svd(delta, input_scale)
-    k = energy_rank(s, st.energy)
-    tensors: dict[str, torch.Tensor] = {"s": s[:k].float().contiguous()}
-    bands, start = [], 0
-    for i, (n, bits) in enumerate(zip(_bands(k, st.band_fractions), st.bits)):
+def rank_bytes(shape: tuple[int, int], st: PackSettings) -> float:
+    """Bytes one kept direction costs on average: its U and V columns at the bands' mean bits, plus their grids."""
+    bits = sum(b * f for b, f in zip(st.bits, st.band_fractions))
+    return (shape[0] + shape[1]) * bits / 8 + 2 * GRID_BYTES
+
+
+# What a kept direction is worth, for allocating a byte budget across matrices: value(factors, importance)
+# gives one non-negative number per direction (importance: the skill's per-entry score of that matrix, or None).
+RankValue = Callable[[Factors, torch.Tensor | None], torch.Tensor]
+RANK_VALUES: Registry[RankValue] = Registry("rank value")
+
+
+@RANK_VALUES.register("energy")
+def _energy_value(f: Factors, importance: torch.Tensor | None) -> torch.Tensor:
+    """σ²: the direction's share of the delta's energy."""
+    return f.s.double().pow(2)
+
+
+@RANK_VALUES.register("importance")
+def _importance_value(f: Factors, importance: torch.Tensor | None) -> torch.Tensor:
+    """Σ F ⊙ (σ u vᵀ)²: the loss a diagonal-Fisher model predicts from dropping the direction."""
+    if importance is None:
+        raise SkillPackError("importance-aware rank allocation needs the skill's importance scores for every matrix")
+    return f.s.double().pow(2) * torch.einsum("ir,ij,jr->r", f.u.double().pow(2), importance.double(), f.v.double().pow(2))
+
+
+@RANK_VALUES.register("energy_importance")
+def _energy_importance_value(f: Factors, importance: torch.Tensor | None) -> torch.Tensor:
+    """The geometric mean of the two: importance ranks directions, energy damps the noise of a diagonal Fisher."""
+    return (_energy_value(f, importance) * _importance_value(f, importance)).sqrt()
+
+
+def allocate_ranks(values: dict[str, torch.Tensor], costs: dict[str, float], budget: float) -> dict[str, int]:
+    """Ranks per matrix with Σ rank·cost ≤ budget, taken greedily by value per byte across all matrices.
+
+    A matrix's directions are taken in order (rank k means its first k), so each one is valued at most
+    as much as the one before it.
+    """
+    values = {k: torch.cummin(v.double(), 0).values if len(v) else v for k, v in values.items()}
+    ranks = {k: 0 for k in values}
+    heap = [(-float(v[0]) / costs[k], k) for k, v in values.items() if len(v) and v[0] > 0]
+    heapq.heapify(heap)
+    used = 0.0
+    while heap:
+        _, k = heapq.heappop(heap)
+        if used + costs[k] > budget:
+            continue
+        ranks[k] += 1
+        used += costs[k]
+        v = values[k]
+        if ranks[k] < len(v) and v[ranks[k]] > 0:
+            heapq.heappush(heap, (-float(v[ranks[k]]) / costs[k], k))
+    return ranks
+
+
+def _refit_u(delta: Delta, v: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U minimizing E‖(Δ − U Vᵀ) x‖² for inputs of second moment H, and Vᵀ H V (U's input moment)."""
+    hv = moment.double() @ v.double()
+    if isinstance(delta, LowRankDelta):
+        dhv = delta.scale * (delta.B.double() @ (delta.A.double() @ hv))
+    else:
+        dhv = delta.double() @ hv
+    hz = v.double().T @ hv
+    return (dhv @ torch.linalg.pinv(hz, hermitian=True)).float(), hz
+
+
+def encode_factors(delta: Delta, f: Factors, k: int, st: PackSettings,
+                   moment: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The svd_quant entry of rank k: U and V quantized by rank band (calibrated by `moment` if the quantizer is)."""
+    energy = f.s.double().pow(2)
+    kept = float(energy[:k].sum() / energy.sum()) if energy.sum() > 0 else 1.0
+    meta = {"shape": list(f.shape), "rank": k, "bands": [], "energy_kept": kept, "calibrated": f.weighted, "quantizer": st.quantizer}
+    if k == 0:
+        return {}, meta
+    quantizer = QUANTIZERS.get(st.quantizer)
+    if not quantizer.calibrated or (isinstance(delta, LowRankDelta) and delta.fan_in_fan_out):
+        moment = None
+    bands = _bands(k, st.band_fractions)
+    bits = [b for n, b in zip(bands, st.bits) for _ in range(n)]
+    v = f.v[:, :k]
+    v_codes, v_lo, v_step = quantizer.quantize(v, bits, moment, "rows")
+    if moment is not None:
+        v_hat = v_codes.float() * v_step.float() + v_lo.float()
+        u, hz = _refit_u(delta, v_hat, moment)
+    else:
+        u, hz = f.u[:, :k] * f.s[:k], None
+    u_codes, u_lo, u_step = quantizer.quantize(u, bits, hz, "cols")
+    tensors: dict[str, torch.Tensor] = {}
+    start = 0
+    for i, (n, b) in enumerate(zip(bands, st.bits)):
         if n == 0:
             continue
-        for name, mat in (("u", u), ("v", v)):
-            q = quantize_columns(mat[:, start:start + n], bits)
-            tensors.update({f"{name}{i}.{part}": t for part, t in q.items()})
-        bands.append({"band": i, "start": start, "cols": n, "bits": bits})
+        cols = slice(start, start + n)
+        for name, (codes, lo, step) in (("u", (u_codes, u_lo, u_step)), ("v", (v_codes, v_lo, v_step))):
+            tensors.update({f"{name}{i}.{part}": t for part, t in encode_codes(codes[:, cols], lo[cols], step[cols], b).items()})
+        meta["bands"].append({"band": i, "start": start, "cols": n, "bits": b})
         start += n
-    return tensors, {"shape": list(shape), "rank": k, "bands": bands, "calibrated": input_scale is not None}
+    if quantizer.calibrated and moment is None:
+        meta["quantizer"] = "rtn"  # no calibration for this matrix (e.g. a Conv1D layer): rounded to nearest
+    return tensors, meta
+
+
+def _weighting(st: PackSettings, moment: torch.Tensor | None) -> torch.Tensor | None:
+    return rms_scales(moment) if st.weighted_svd and moment is not None else None
+
+
+def _encode_svd_quant(delta: Delta, st: PackSettings, moment: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    f = factorize(delta, _weighting(st, moment))
+    return encode_factors(delta, f, energy_rank(f.s, st.energy), st, moment)
 
 
 def _svd_factors(t: dict[str, torch.Tensor], meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U·diag(s), V) of an svd_quant entry, dequantized and joined across rank bands: ΔW = U Vᵀ."""
+    """(U, V) of an svd_quant entry, dequantized and joined across rank bands: ΔW = U Vᵀ."""
     rows, cols = meta["shape"]
     us, vs = [torch.zeros(rows, 0)], [torch.zeros(cols, 0)]
     for b in meta["bands"]:
         i, n = b["band"], b["cols"]
-        us.append(dequantize_columns({p: t[f"u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
-                  * t["s"][b["start"]:b["start"] + n])
+        u = dequantize_columns({p: t[f"u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
+        us.append(u * t["s"][b["start"]:b["start"] + n] if "s" in t else u)  # format v1 kept σ apart
         vs.append(dequantize_columns({p: t[f"v{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (cols, n)))
     return torch.cat(us, dim=1), torch.cat(vs, dim=1)
 
@@ -142,7 +260,7 @@ def _dense(delta: Delta) -> torch.Tensor:
 
 
 def _encode_magnitude_prune(delta: Delta, st: PackSettings,
-                            input_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+                            moment: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     d = _dense(delta)
     n = max(1, int(round(st.keep_fraction * d.numel())))
     idx = d.abs().reshape(-1).topk(n).indices.sort().values
@@ -155,7 +273,7 @@ def _decode_magnitude_prune(t: dict[str, torch.Tensor], meta: dict) -> torch.Ten
     return out.view(meta["shape"])
 
 
-def _encode_dense(delta: Delta, st: PackSettings, input_scale: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+def _encode_dense(delta: Delta, st: PackSettings, moment: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     d = _dense(delta)
     return {"value": d.half()}, {"shape": list(d.shape)}
 
@@ -212,7 +330,7 @@ class SkillPack:
         return {name.split("::", 1)[1]: self.tensors[name] for name in self.manifest["tensors"][key]["stored"]}
 
     def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(U·diag(s) of shape (out, r), V of shape (in, r)), dequantized, so ΔW = U @ V.T; None unless svd_quant.
+        """(U of shape (out, r), V of shape (in, r)), dequantized, so ΔW = U @ V.T; None unless svd_quant.
 
         Lets a delta be applied as (x @ V) @ U.T without ever forming the dense (out, in) matrix.
         """
@@ -264,31 +382,83 @@ def read_manifest(path: Path, fmt: str, version: int, what: str) -> dict:
     return manifest
 
 
+def _nbytes(local: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in local.values())
+
+
+def _checked_moment(key: str, delta: Delta, calibration: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
+    moment = (calibration or {}).get(key)
+    n = _shape(delta)[-1]
+    if moment is not None and tuple(moment.shape) != (n, n):
+        raise SkillPackError(f"calibration moment for tensor {key!r} has shape {tuple(moment.shape)}, expected ({n}, {n})")
+    return moment
+
+
+def _encode_within_budget(deltas: dict[str, Delta], moments: dict[str, torch.Tensor | None], importance: dict[str, torch.Tensor],
+                          st: PackSettings, budget: float) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+    """svd_quant entries of all `deltas` in at most `budget` bytes: ranks by `allocate_ranks`, then trimmed
+    one direction at a time (the least value per byte first) until the encoded bytes fit."""
+    factors = {k: factorize(d, _weighting(st, moments[k])) for k, d in deltas.items()}
+    costs = {k: rank_bytes(f.shape, st) for k, f in factors.items()}
+    value = RANK_VALUES.get(st.allocation)
+    values = {}
+    for k, f in factors.items():
+        try:
+            values[k] = value(f, importance.get(k))
+        except SkillPackError as e:
+            raise SkillPackError(f"tensor {k!r}: {e}") from None
+    ranks = allocate_ranks(values, costs, budget)
+    encoded = {k: encode_factors(deltas[k], factors[k], ranks[k], st, moments[k]) for k in deltas}
+    while sum(_nbytes(t) for t, _ in encoded.values()) > budget:
+        k = min((k for k in ranks if ranks[k] > 0), key=lambda k: float(values[k][ranks[k] - 1]) / costs[k])
+        ranks[k] -= 1
+        encoded[k] = encode_factors(deltas[k], factors[k], ranks[k], st, moments[k])
+    return encoded
+
+
 def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, settings: PackSettings,
-               source: dict | None = None, input_scales: dict[str, torch.Tensor] | None = None) -> SkillPack:
+               source: dict | None = None, calibration: dict[str, torch.Tensor] | None = None,
+               importance: dict[str, torch.Tensor] | None = None) -> SkillPack:
     """Compress `deltas` (keyed by base tensor name) into a SkillPack for the fingerprinted base.
 
-    `input_scales` (from `graft.calibration.input_scales`, keyed like `deltas`) make the SVD
-    calibration-aware for the matrices they cover.
+    `calibration` (from `graft.calibration.input_moments`, keyed like `deltas`: each layer's input
+    second moment) is used by calibrated quantizers (`gptq`) and by `weighted_svd`, for the matrices it
+    covers. With `settings.budget`, the pack holds at most that fraction of the bf16 delta's bytes, and
+    `importance` (the skill's per-entry scores, `graft.importance`, keyed like `deltas`) feeds
+    importance-aware rank allocation (`settings.allocation`).
     """
-    tensors: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict] = {}
+    schemes, moments = {}, {}
     for key in sorted(deltas):
         delta = deltas[key]
         check = delta.A.abs().sum() + delta.B.abs().sum() if isinstance(delta, LowRankDelta) else delta.abs().sum()
         if not torch.isfinite(check):
             raise SkillPackError(f"delta for tensor {key!r} holds NaN or Inf")
-        scheme = scheme_for(key, delta)
-        scale = (input_scales or {}).get(key)
-        if scale is not None and (scale.ndim != 1 or scale.numel() != _shape(delta)[-1]):
-            raise SkillPackError(f"calibration scale for tensor {key!r} has shape {tuple(scale.shape)}, "
-                                 f"expected ({_shape(delta)[-1]},)")
-        local, meta = SCHEMES.get(scheme).encode(delta, settings, scale)
-        stored = [f"{key}::{n}" for n in local]
+        schemes[key] = scheme_for(key, delta)
+        moments[key] = _checked_moment(key, delta, calibration)
+    if (settings.weighted_svd or QUANTIZERS.get(settings.quantizer).calibrated) and not calibration:
+        raise SkillPackError(f"quantizer {settings.quantizer!r}{' with weighted_svd' if settings.weighted_svd else ''} "
+                             "needs calibration moments (graft.calibration.input_moments)")
+    encoded = {k: SCHEMES.get(schemes[k]).encode(deltas[k], settings, moments[k])
+               for k in schemes if settings.budget is None or schemes[k] != "svd_quant"}
+    bf16_total = sum(2 * math.prod(_shape(d)) for d in deltas.values())
+    if settings.budget is not None:
+        left = settings.budget * bf16_total - sum(_nbytes(t) for t, _ in encoded.values())
+        if left < 0:
+            raise SkillPackError(f"budget {settings.budget:g} of the bf16 delta ({settings.budget * bf16_total:.0f} bytes) is less "
+                                 f"than the tensors kept without SVD take ({', '.join(k for k in encoded)})")
+        matrices = {k: deltas[k] for k in schemes if schemes[k] == "svd_quant"}
+        for k in matrices:
+            if importance and k in importance and tuple(importance[k].shape) != _shape(deltas[k]):
+                raise SkillPackError(f"importance score for tensor {k!r} has shape {tuple(importance[k].shape)}, "
+                                     f"expected {_shape(deltas[k])}")
+        encoded.update(_encode_within_budget(matrices, moments, importance or {}, settings, left))
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, dict] = {}
+    for key in sorted(encoded):
+        local, meta = encoded[key]
         tensors.update({f"{key}::{n}": t.contiguous() for n, t in local.items()})
-        nbytes = sum(t.numel() * t.element_size() for t in local.values())
-        entries[key] = {"scheme": scheme, **meta, "bytes": nbytes,
-                        "bf16_bytes": 2 * math.prod(meta["shape"]), "stored": stored}
+        entries[key] = {"scheme": schemes[key], **meta, "bytes": _nbytes(local),
+                        "bf16_bytes": 2 * math.prod(meta["shape"]), "stored": [f"{key}::{n}" for n in local]}
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -296,10 +466,12 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
         "base_fingerprint": base_fingerprint,
         "settings": {"energy": settings.energy, "bits": list(settings.bits),
                      "band_fractions": list(settings.band_fractions), "keep_fraction": settings.keep_fraction,
-                     "calibrated": bool(input_scales)},
+                     "budget": settings.budget, "allocation": settings.allocation if settings.budget is not None else None,
+                     "quantizer": settings.quantizer, "weighted_svd": settings.weighted_svd,
+                     "calibrated": bool(calibration)},
         "source": source or {},
         "tensors": entries,
         "total_bytes": sum(e["bytes"] for e in entries.values()),
-        "delta_bf16_bytes": sum(e["bf16_bytes"] for e in entries.values()),
+        "delta_bf16_bytes": bf16_total,
     }
     return SkillPack(manifest, tensors)

@@ -17,22 +17,43 @@ def _refuse(e: Exception) -> int:
 def cmd_pack(args: argparse.Namespace) -> int:
     from graft.checkpoint import CheckpointError, CheckpointReader
     from graft.fingerprint import base_fingerprint
+    from graft.importance import load_scores
     from graft.lora import read_lora_deltas
     from graft.skillpack import PackSettings, SkillPackError, pack_skill
 
     try:
         deltas = read_lora_deltas(args.adapter)
         reader = CheckpointReader(args.base)
-        settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions))
+        if (args.quantizer == "gptq" or args.weighted_svd) and not args.calibration_data:
+            raise ValueError(f"{'--quantizer gptq' if args.quantizer == 'gptq' else '--weighted-svd'} needs --calibration-data")
+        settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions),
+                                budget=args.budget, quantizer=args.quantizer, weighted_svd=args.weighted_svd, allocation=args.allocation)
+        moments = _calibration(args, list(deltas)) if args.calibration_data else None
         pack = pack_skill(args.skill or Path(args.adapter).name, deltas, base_fingerprint(reader, list(deltas)), settings,
-                          {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())})
+                          {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())}, calibration=moments,
+                          importance=load_scores(args.importance) if args.importance else None)
         pack.save(args.out)
-    except (CheckpointError, SkillPackError, ValueError, OSError) as e:
+    except (CheckpointError, SkillPackError, ValueError, KeyError, OSError) as e:
         return _refuse(e)
     m = pack.manifest
     print(f"{args.out}: {len(m['tensors'])} tensors, {m['total_bytes']} bytes "
           f"({m['total_bytes'] / m['delta_bf16_bytes']:.3f} of the bf16 delta)")
     return 0
+
+
+def _calibration(args: argparse.Namespace, keys: list[str]) -> dict:
+    """Input second moments of the expert (base + adapter) on the first rows of `--calibration-data`."""
+    from transformers import AutoTokenizer
+
+    from graft.calibration import input_moments_on
+    from graft.data import read_jsonl
+    from graft.lora import load_with_adapter
+
+    rows = read_jsonl(args.calibration_data)[: args.calibration_examples]
+    if not rows:
+        raise ValueError(f"{args.calibration_data}: no rows to calibrate on")
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+    return input_moments_on(load_with_adapter(args.base, args.adapter), tokenizer, rows, keys)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -48,9 +69,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key, e in m["tensors"].items():
         bits = "/".join(str(b["bits"]) for b in e.get("bands", [])) or ("fp16" if e["scheme"] != "svd_quant" else "-")
         rows.append([key, e["scheme"], "x".join(map(str, e["shape"])), str(e.get("rank", e.get("kept", "-"))), bits,
-                     str(e["bytes"]), f"{e['bytes'] / e['bf16_bytes']:.3f}"])
+                     e.get("quantizer", "rtn") if e["scheme"] == "svd_quant" else "-", str(e["bytes"]),
+                     f"{e['bytes'] / e['bf16_bytes']:.3f}"])
     print(f"SkillPack {m['skill']!r} (format v{m['format_version']}), base {m['base_fingerprint']['architecture']}")
-    print(format_table(["tensor", "scheme", "shape", "rank/kept", "bits", "bytes", "of bf16"], rows))
+    print(format_table(["tensor", "scheme", "shape", "rank/kept", "bits", "rounding", "bytes", "of bf16"], rows))
     print(f"total: {m['total_bytes']} bytes = {m['total_bytes'] / m['delta_bf16_bytes']:.4f} of the bf16 delta "
           f"({m['delta_bf16_bytes']} bytes)")
     return 0
@@ -105,6 +127,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--energy", type=float, default=0.99, help="β: fraction of Σσ² the kept rank holds")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
     p.add_argument("--band-fractions", type=float, nargs="+", default=[0.5, 0.5])
+    p.add_argument("--budget", type=float, help="at most this fraction of the bf16 delta's bytes (ranks allocated across matrices; "
+                   "replaces --energy), e.g. 0.0667 for 1/15")
+    p.add_argument("--allocation", default="energy", help="with --budget, what a direction is worth: energy, importance or "
+                   "energy_importance (the last two read --importance)")
+    p.add_argument("--importance", help="the skill's importance scores (scores.safetensors of the score stage)")
+    p.add_argument("--quantizer", default="rtn", help="rtn (round to nearest) or gptq (needs --calibration-data)")
+    p.add_argument("--weighted-svd", action="store_true", help="SVD weighted by input-channel RMS (needs --calibration-data)")
+    p.add_argument("--calibration-data", help="JSONL of prompt/answer rows the expert was trained on (calibration)")
+    p.add_argument("--calibration-examples", type=int, default=256, help="rows of --calibration-data used")
+    p.add_argument("--tokenizer", help="tokenizer folder for the calibration data (default: --base)")
     p.set_defaults(fn=cmd_pack)
 
     i = sub.add_parser("inspect", help="table of a SkillPack's modules, schemes, ranks, bits and bytes")

@@ -24,6 +24,8 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from graft.fusion import FUSIONS
 from graft.importance import SCORES
+from graft.quantize import QUANTIZERS, VALID_BITS
+from graft.skillpack import RANK_VALUES
 from graft.testbed.skills import SKILLS
 from pipelines.sweep_metrics import metric_problem
 
@@ -140,22 +142,34 @@ class ScoreSpec(Strict):
 class PackSpec(Strict):
     """SkillPack compression of each skill's delta (methods.md §1)."""
 
-    energy: float = Field(0.99, gt=0, le=1, description="β: fraction of Σσ² the kept rank must hold")
+    energy: float = Field(0.99, gt=0, le=1, description="β: fraction of each matrix's Σσ² its kept rank must hold (unless `budget`)")
+    budget: float | None = Field(None, gt=0, le=1, description="at most this fraction of the bf16 delta's bytes; "
+                                 "ranks go where they hold the most σ² per byte, across all matrices (replaces `energy`)")
+    allocation: Annotated[str, AfterValidator(RANK_VALUES.check)] = Field(
+        "energy", description="with `budget`: what a direction is worth: energy (σ²), importance (Fisher-weighted), energy_importance")
     bits: list[int] = Field([8, 4], description="bits per rank band, leading band first")
     band_fractions: list[float] = Field([0.5, 0.5], description="fraction of the kept rank in each band")
+    quantizer: Annotated[str, AfterValidator(QUANTIZERS.check)] = Field(
+        "rtn", description="rtn: round to nearest; gptq: round against the layer's inputs on the skill's data (runs calibration)")
+    weighted_svd: bool = Field(False, description="SVD weighted by each input channel's RMS on the skill's data (runs calibration)")
     min_importance_share: float = Field(0.0, ge=0, lt=1, description="leave out tensors with less of the skill's importance mass")
-    calibrate: bool = Field(False, description="calibration-aware SVD: weigh input channels by their RMS on the skill's data")
-    calibration_examples: int = Field(256, gt=0, description="training examples the calibration statistics are taken on")
+    calibration_examples: int = Field(256, gt=0, description="skill training examples calibration runs on (plus the "
+                                      "train.replay_fraction share of replay data, the mix the expert was trained on)")
 
     @model_validator(mode="after")
     def _bands(self) -> "PackSpec":
         if len(self.bits) != len(self.band_fractions):
             raise ValueError("'bits' and 'band_fractions' need the same length")
-        if any(b not in (2, 4, 8) for b in self.bits):
-            raise ValueError("each of 'bits' must be 2, 4 or 8")
+        if any(b not in VALID_BITS for b in self.bits):
+            raise ValueError(f"each of 'bits' must be one of {list(VALID_BITS)}")
         if abs(sum(self.band_fractions) - 1.0) > 1e-6:
             raise ValueError("'band_fractions' must sum to 1")
         return self
+
+    @property
+    def calibrate(self) -> bool:
+        """Whether packing needs each layer's input statistics on the skill's data."""
+        return self.weighted_svd or QUANTIZERS.get(self.quantizer).calibrated
 
 
 class GraftSpec(Strict):

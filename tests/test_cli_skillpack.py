@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -59,3 +60,19 @@ def test_pack_refuses_pickle_adapter(base_model, tmp_path):
     proc = graft_cli("pack", bad, "--base", base_model, "--out", tmp_path / "pack")
     assert proc.returncode == 2 and "adapter_model.bin: pickle checkpoints are refused" in proc.stderr
     assert not (tmp_path / "pack").exists()
+
+
+def test_pack_to_a_budget_with_gptq_calibration(base_model, adapter, tmp_path):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("".join(f'{{"prompt": "rev {w} =", "answer": " {w[::-1]}"}}\n' for w in ("abc", "hello", "graft", "xyz")))
+    pack = tmp_path / "pack"
+    refused = graft_cli("pack", adapter, "--base", base_model, "--out", pack, "--quantizer", "gptq")
+    assert refused.returncode == 2 and "--calibration-data" in refused.stderr and not pack.exists()
+    done = graft_cli("pack", adapter, "--base", base_model, "--out", pack, "--quantizer", "gptq", "--bits", "3",
+                     "--band-fractions", "1", "--budget", "0.1", "--calibration-data", data)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((pack / "skillpack.json").read_text())
+    assert manifest["total_bytes"] <= 0.1 * manifest["delta_bf16_bytes"]
+    assert {e["quantizer"] for e in manifest["tensors"].values()} == {"gptq"}
+    shown = graft_cli("inspect", pack).stdout
+    assert shown.count("gptq") == len(manifest["tensors"]) and "rounding" in shown

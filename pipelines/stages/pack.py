@@ -2,9 +2,12 @@
 
 The adapter's low-rank deltas are compressed module by module (graft.skillpack); each tensor's
 share of the skill's importance mass goes into the manifest, and tensors whose share is below
-`pack.min_importance_share` are left out of the pack. With `pack.calibrate`, each layer's input
-scale on the skill's training data (the expert run on `calibration_examples` of them) makes the SVD
-calibration-aware (graft.calibration). Output: `<root>/pack/<skill>-<key>/`.
+`pack.min_importance_share` are left out of the pack. When the pack is calibration-aware
+(`pack.quantizer: gptq` or `pack.weighted_svd`), the expert is run on `calibration_examples` of the
+skill's training rows plus the replayed share of `train.replay_data` (the mix it was trained on), and
+each layer's input second moment goes to the compression (graft.calibration). With `pack.budget` the
+pack holds at most that fraction of the bf16 delta's bytes, its ranks allocated by `pack.allocation`
+(the importance scores above make it importance-aware). Output: `<root>/pack/<skill>-<key>/`.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from graft.lora import read_lora_deltas
 from graft.skillpack import PackSettings, pack_skill
 from pipelines.cache import content_key
 from pipelines.context import RunContext, StageResult
+from pipelines.stages.train import replay_source
 
 NAME = "pack"
 
@@ -25,21 +29,28 @@ NAME = "pack"
 def run(ctx: RunContext) -> StageResult:
     spec, pk = ctx.spec, ctx.spec.pack
     prep, trained, scored = ctx.results["testbed"].info, ctx.results["train"], ctx.results["score"]
-    settings = PackSettings(energy=pk.energy, bits=tuple(pk.bits), band_fractions=tuple(pk.band_fractions))
+    settings = PackSettings(energy=pk.energy, bits=tuple(pk.bits), band_fractions=tuple(pk.band_fractions), budget=pk.budget,
+                            quantizer=pk.quantizer, weighted_svd=pk.weighted_svd, allocation=pk.allocation)
+    replay = replay_source(prep, spec.train) if pk.calibrate else None
     result = StageResult(NAME)
     for s in spec.skills:
-        key = content_key(trained.keys[s.name], scored.keys[s.name], pk, pk.calibrate and prep["data"][s.name]["key"])
+        key = content_key(trained.keys[s.name], scored.keys[s.name], pk, pk.calibrate and prep["data"][s.name]["key"],
+                          replay and (replay["key"], spec.train.replay_fraction))
 
         def build(tmp: Path, run, skill=s.name) -> dict[str, float]:
             deltas = read_lora_deltas(trained.outputs[skill])
-            share = {k: v["share"] for k, v in module_summary(load_scores(scored.outputs[skill] / "scores.safetensors")).items()}
+            scores = load_scores(scored.outputs[skill] / "scores.safetensors")
+            share = {k: v["share"] for k, v in module_summary(scores).items()}
             kept = {k: d for k, d in deltas.items() if share.get(k, 1.0) >= pk.min_importance_share}
             reader = CheckpointReader(prep["base"])
             source = {"adapter": str(trained.outputs[skill]), "base": prep["base"], "job": spec.name,
                       "importance_share": {k: share.get(k) for k in kept}, "dropped": sorted(set(deltas) - set(kept))}
-            scales = _input_scales(prep, str(trained.outputs[skill]), prep["data"][skill]["train"], list(kept), pk.calibration_examples,
-                                   spec.train.max_length, spec.trust_remote_code) if pk.calibrate else None
-            pack = pack_skill(skill, kept, base_fingerprint(reader, list(kept)), settings, source, input_scales=scales)
+            moments = None
+            if pk.calibrate:
+                rows = _calibration_rows(prep["data"][skill]["train"], replay, spec.train.replay_fraction, pk.calibration_examples)
+                moments = _input_moments(prep, str(trained.outputs[skill]), rows, list(kept), spec.train.max_length, spec.trust_remote_code)
+            pack = pack_skill(skill, kept, base_fingerprint(reader, list(kept)), settings, source, calibration=moments,
+                              importance={k: scores[k] for k in kept if k in scores})
             pack.write_into(tmp)
             run.artifact(tmp, "skillpack")
             m = pack.manifest
@@ -52,14 +63,23 @@ def run(ctx: RunContext) -> StageResult:
 
 
 
-def _input_scales(prep: dict, adapter: str, data: str, keys: list[str], examples: int, max_length: int,
-                  trust_remote_code: bool) -> dict:
-    """Per-layer input RMS of the expert (base + adapter) on the first `examples` training rows."""
+def _calibration_rows(data: str, replay: dict | None, replay_fraction: float, examples: int) -> list[dict[str, str]]:
+    """The first `examples` training rows of the skill, plus replay rows in the share training used."""
+    from graft.data import read_jsonl
+
+    rows = read_jsonl(data)[:examples]
+    if replay is not None:
+        rows += read_jsonl(replay["train"])[:round(examples * replay_fraction / (1 - replay_fraction))]
+    return rows
+
+
+def _input_moments(prep: dict, adapter: str, rows: list[dict[str, str]], keys: list[str], max_length: int,
+                   trust_remote_code: bool) -> dict:
+    """Each layer's input second moment in the expert (base + adapter) on `rows`."""
     from transformers import AutoTokenizer
 
-    from graft.calibration import input_scales_on
-    from graft.data import read_jsonl
+    from graft.calibration import input_moments_on
     from graft.lora import load_with_adapter
 
     model = load_with_adapter(prep["base"], adapter, trust_remote_code)
-    return input_scales_on(model, AutoTokenizer.from_pretrained(prep["tokenizer"]), read_jsonl(data)[:examples], keys, max_length)
+    return input_moments_on(model, AutoTokenizer.from_pretrained(prep["tokenizer"]), rows, keys, max_length)

@@ -20,14 +20,20 @@ from pipelines.training.trainer import TrainRequest, run_training
 NAME = "train"
 
 
+def replay_source(prep: dict, tr) -> dict | None:
+    """{"train": path, "key": digest} of the data replayed in every training batch, or None without replay."""
+    if tr.replay_fraction <= 0:
+        return None
+    if tr.replay_data in prep["data"]:
+        return prep["data"][tr.replay_data]
+    return {"train": str(Path(tr.replay_data).resolve()), "key": file_digest(tr.replay_data)}
+
+
 def run(ctx: RunContext) -> StageResult:
     spec, tr = ctx.spec, ctx.spec.train
     prep = ctx.results["testbed"].info
     result = StageResult(NAME)
-    replay = None
-    if tr.replay_fraction > 0:
-        replay = prep["data"][tr.replay_data] if tr.replay_data in prep["data"] else {
-            "train": str(Path(tr.replay_data).resolve()), "key": file_digest(tr.replay_data)}
+    replay = replay_source(prep, tr)
     data = {s.name: prep["data"][s.name] for s in spec.skills}
     params = tr.model_dump(mode="json")
     items = [Item(name, content_key(prep["base_key"], d["key"], replay and replay["key"], tr, LOOP_VERSION), {"skill": name, **params})
