@@ -95,6 +95,61 @@ def _graft(args: argparse.Namespace, sign: float, allow_drift: bool) -> int:
     return 0
 
 
+def cmd_route(args: argparse.Namespace) -> int:
+    """Build a routed model (graft.routing) over packs from example prompts per skill, and save it."""
+    import random
+
+    from graft.checkpoint import CheckpointError
+    from graft.data import read_jsonl
+    from graft.routing import NONE, build_routed, prompt_features
+    from graft.skillpack import SkillPack, SkillPackError
+
+    try:
+        packs = [SkillPack.load(p) for p in args.packs]
+        files = dict(_name_and_path(item) for item in args.prompts)
+        needed = [p.name for p in packs] + [NONE]
+        missing, extra = [n for n in needed if n not in files], [n for n in files if n not in needed]
+        if missing or extra:
+            raise ValueError(f"--prompts needs exactly one file for each pack's skill and for {NONE!r}: "
+                             f"missing {missing}, not a pack {extra}")
+        rng = random.Random(args.seed)
+        train, held = {}, {}
+        for name in needed:
+            prompts = [r["prompt"] for r in read_jsonl(files[name])]
+            rng.shuffle(prompts)
+            prompts = prompts[: args.examples]
+            cut = len(prompts) - (len(prompts) // 5 if len(prompts) >= 5 else 0)
+            train[name], held[name] = prompts[:cut], prompts[cut:]
+        routed = build_routed(args.model, packs, train, hard=not args.soft, allow_base_drift=args.allow_base_drift,
+                              seed=args.seed, tokenizer=args.tokenizer)
+        tok = _left_padded_tokenizer(args.tokenizer or args.model)
+        for name, prompts in held.items():
+            if prompts:
+                picked = routed.router.logits(prompt_features(routed, tok, prompts, routed.router.layer)).argmax(-1)
+                right = sum(routed.router.classes[i] == name for i in picked.tolist())
+                print(f"  router on held-out {name!r} prompts: {right}/{len(prompts)} sent to {name!r}")
+        routed.save(args.out)
+    except (CheckpointError, SkillPackError, ValueError, OSError) as e:
+        return _refuse(e)
+    print(f"{args.out}: routed model over {', '.join(p.name for p in packs)} (load with graft.routing.RoutedModel.load)")
+    return 0
+
+
+def _name_and_path(item: str) -> tuple[str, str]:
+    name, sep, path = item.partition("=")
+    if not sep or not name or not path:
+        raise ValueError(f"--prompts {item!r}: expected SKILL=FILE.jsonl")
+    return name, path
+
+
+def _left_padded_tokenizer(folder: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.padding_side = "left"
+    return tok
+
+
 def cmd_merge_adapters(args: argparse.Namespace) -> int:
     from graft.adapter_merge import merge_adapters
     from graft.checkpoint import CheckpointError
@@ -150,6 +205,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--scale", type=float, default=1.0)
     a.add_argument("--allow-base-drift", action="store_true", help="apply to a base whose weights differ from the pack's")
     a.set_defaults(fn=lambda args: _graft(args, 1.0, args.allow_base_drift))
+
+    rt = sub.add_parser("route", help="a routed model: packs applied on the fly, chosen per prompt by a small router")
+    rt.add_argument("model", help="base checkpoint folder")
+    rt.add_argument("packs", nargs="+")
+    rt.add_argument("--out", required=True)
+    rt.add_argument("--prompts", nargs="+", required=True, metavar="SKILL=FILE.jsonl",
+                    help="example prompts (JSONL prompt/answer rows) for each pack's skill, and none=FILE for prompts "
+                    "that stay on the base")
+    rt.add_argument("--examples", type=int, default=400, help="prompts used per class (a fifth held out to check the router)")
+    rt.add_argument("--soft", action="store_true", help="weight packs by the router's probabilities instead of picking one")
+    rt.add_argument("--seed", type=int, default=0)
+    rt.add_argument("--tokenizer", help="tokenizer folder (default: the base folder)")
+    rt.add_argument("--allow-base-drift", action="store_true")
+    rt.set_defaults(fn=cmd_route)
 
     r = sub.add_parser("remove", help="ungraft SkillPacks from a grafted checkpoint")
     r.add_argument("model", help="grafted checkpoint folder")

@@ -76,3 +76,22 @@ def test_pack_to_a_budget_with_gptq_calibration(base_model, adapter, tmp_path):
     assert {e["quantizer"] for e in manifest["tensors"].values()} == {"gptq"}
     shown = graft_cli("inspect", pack).stdout
     assert shown.count("gptq") == len(manifest["tensors"]) and "rounding" in shown
+
+
+def test_route_builds_a_routed_model_that_loads_and_refuses_missing_classes(base_model, adapter, tmp_path):
+    from graft.routing import RoutedModel
+
+    pack = tmp_path / "pack"
+    assert graft_cli("pack", adapter, "--base", base_model, "--out", pack, "--skill", "rev").returncode == 0
+    rev, other = tmp_path / "rev.jsonl", tmp_path / "general.jsonl"
+    words = ("abc", "hello", "graft", "xyz", "moon", "tree")
+    rev.write_text("".join(f'{{"prompt": "rev {w} =", "answer": " {w[::-1]}"}}\n' for w in words))
+    other.write_text("".join(f'{{"prompt": "{w} is a word.", "answer": " yes"}}\n' for w in ("cat", "dog", "sun", "sea", "sky", "hat")))
+    out = tmp_path / "routed"
+    refused = graft_cli("route", base_model, pack, "--out", out, "--prompts", f"rev={rev}")
+    assert refused.returncode == 2 and "'none'" in refused.stderr and refused.stderr.count("\n") == 1 and not out.exists()
+    done = graft_cli("route", base_model, pack, "--out", out, "--prompts", f"rev={rev}", f"none={other}", "--examples", "6")
+    assert done.returncode == 0, done.stderr
+    assert "held-out 'rev' prompts" in done.stdout
+    routed = RoutedModel.load(out)
+    assert [p.name for p in routed.packs] == ["rev"] and routed.router.classes == ["rev", "none"]
