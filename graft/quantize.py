@@ -55,7 +55,7 @@ def column_grid(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     for factor in CLIP_FACTORS:
         lo = (mid - factor * half).half()
         step = (2 * factor * half / ((1 << bits) - 1)).clamp_min(1e-12).half().clamp_min(torch.finfo(torch.float16).tiny)
-        err = (round_to_grid(x, lo, step, bits) * step.float() + lo.float() - x).pow(2).sum(dim=0)
+        err = (from_grid(round_to_grid(x, lo, step, bits), lo, step) - x).pow(2).sum(dim=0)
         if best_err is None:
             best_lo, best_step, best_err = lo, step, err
             continue
@@ -64,24 +64,31 @@ def column_grid(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]
     return best_lo, best_step
 
 
-def round_to_grid(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
-    """Codes of `x` on the grid (broadcast over rows), against the fp16 grid stored, so decode matches encode."""
-    return torch.round((x - lo.float()) / step.float()).clamp(0, (1 << bits) - 1)
+def round_to_grid(x: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int | torch.Tensor) -> torch.Tensor:
+    """Integer codes of `x` on the stored fp16 grid (broadcast over rows; `bits` one number or one per column)."""
+    top = (1 << bits) - 1 if isinstance(bits, int) else (2 ** bits.double() - 1)
+    codes = torch.round((x.double() - lo.double()) / step.double()).clamp(min=0)
+    return torch.minimum(codes, torch.as_tensor(top, dtype=torch.float64)).long()
+
+
+def from_grid(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The values integer codes stand for on a (min, step) grid, in float32."""
+    return codes.float() * step.float() + lo.float()
 
 
 def encode_codes(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """The stored form of quantized columns: bit-packed codes plus the fp16 grid."""
     return {"codes": pack_bits(codes, bits), "min": lo, "step": step}
 
 
 def quantize_columns(x: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """Round-to-nearest of each column of a 2-D tensor; returns packed codes, per-column min and step."""
     lo, step = column_grid(x, bits)
-    return encode_codes(round_to_grid(x.float(), lo, step, bits), lo, step, bits)
+    return encode_codes(round_to_grid(x, lo, step, bits), lo, step, bits)
 
 
 def dequantize_columns(q: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]) -> torch.Tensor:
-    codes = unpack_bits(q["codes"], bits, shape[0] * shape[1]).float().view(shape)
-    return codes * q["step"].float() + q["min"].float()
+    return from_grid(unpack_bits(q["codes"], bits, shape[0] * shape[1]).view(shape), q["min"], q["step"])
 
 
 @dataclass(frozen=True)
@@ -99,19 +106,18 @@ class Quantizer:
 QUANTIZERS: Registry[Quantizer] = Registry("quantizer")
 
 
-def _grids(m: torch.Tensor, bits: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [column_grid(m[:, j:j + 1], b) for j, b in enumerate(bits)]
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
-
-
-def _levels(bits: Sequence[int]) -> torch.Tensor:
-    return torch.tensor([(1 << b) - 1 for b in bits], dtype=torch.float64)
+def _grids(m: torch.Tensor, bits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, step = torch.empty(m.shape[1], dtype=torch.float16), torch.empty(m.shape[1], dtype=torch.float16)
+    for b in bits.unique().tolist():
+        cols = bits == b
+        lo[cols], step[cols] = column_grid(m[:, cols], int(b))
+    return lo, step
 
 
 def rtn(m: torch.Tensor, bits: Sequence[int], hessian: torch.Tensor | None = None, along: str = "rows"):
+    bits = torch.as_tensor(bits)
     lo, step = _grids(m, bits)
-    codes = torch.round((m.double() - lo.double()) / step.double()).clamp(min=0)
-    return torch.minimum(codes, _levels(bits)).long(), lo, step
+    return round_to_grid(m, lo, step, bits), lo, step
 
 
 def _inverse_cholesky(hessian: torch.Tensor) -> torch.Tensor:
@@ -127,30 +133,24 @@ def gptq(m: torch.Tensor, bits: Sequence[int], hessian: torch.Tensor | None, alo
     if hessian is None:
         return rtn(m, bits)
     hinv = _inverse_cholesky(hessian)
-    levels = _levels(bits)
+    bits = torch.as_tensor(bits)
+    w = m.double().clone()
+    codes = torch.zeros_like(w, dtype=torch.long)
     if along == "rows":  # grids fixed up front; rows (input dimensions) rounded in turn
         lo, step = _grids(m, bits)
-        w = m.double().clone()
-        codes = torch.zeros_like(w, dtype=torch.long)
-        lo64, step64 = lo.double(), step.double()
         for i in range(w.shape[0]):
-            c = torch.minimum(torch.round((w[i] - lo64) / step64).clamp(min=0), levels)
-            codes[i] = c.long()
-            err = (w[i] - (c * step64 + lo64)) / hinv[i, i]
+            codes[i] = round_to_grid(w[i], lo, step, bits)
+            err = (w[i] - from_grid(codes[i], lo, step).double()) / hinv[i, i]
             w[i + 1:] -= hinv[i, i + 1:, None] * err[None, :]
         return codes, lo, step
     # along == "cols": columns rounded in turn, each on a grid fitted to it as it stands then
-    w = m.double().clone()
-    codes, los, steps = torch.zeros_like(w, dtype=torch.long), [], []
-    for j, b in enumerate(bits):
-        lo, step = column_grid(w[:, j:j + 1], b)
-        c = torch.minimum(torch.round((w[:, j] - lo.double()) / step.double()).clamp(min=0), levels[j])
-        codes[:, j] = c.long()
-        err = (w[:, j] - (c * step.double() + lo.double())) / hinv[j, j]
+    lo, step = torch.empty(w.shape[1], dtype=torch.float16), torch.empty(w.shape[1], dtype=torch.float16)
+    for j in range(w.shape[1]):
+        lo[j:j + 1], step[j:j + 1] = column_grid(w[:, j:j + 1], int(bits[j]))
+        codes[:, j] = round_to_grid(w[:, j], lo[j], step[j], int(bits[j]))
+        err = (w[:, j] - from_grid(codes[:, j], lo[j], step[j]).double()) / hinv[j, j]
         w[:, j + 1:] -= err[:, None] * hinv[j, j + 1:][None, :]
-        los.append(lo)
-        steps.append(step)
-    return codes, torch.cat(los), torch.cat(steps)
+    return codes, lo, step
 
 
 QUANTIZERS.register("rtn")(Quantizer(rtn, calibrated=False))

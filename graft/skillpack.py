@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from graft.atomic import atomic_dir
 from graft.calibration import rms_scales
 from graft.lora import LowRankDelta
-from graft.quantize import QUANTIZERS, dequantize_columns, encode_codes
+from graft.quantize import QUANTIZERS, dequantize_columns, encode_codes, from_grid
 from graft.registry import Registry
 
 FORMAT = "graftline.skillpack"
@@ -209,8 +209,7 @@ def encode_factors(delta: Delta, f: Factors, k: int, st: PackSettings,
     v = f.v[:, :k]
     v_codes, v_lo, v_step = quantizer.quantize(v, bits, moment, "rows")
     if moment is not None:
-        v_hat = v_codes.float() * v_step.float() + v_lo.float()
-        u, hz = _refit_u(delta, v_hat, moment)
+        u, hz = _refit_u(delta, from_grid(v_codes, v_lo, v_step), moment)
     else:
         u, hz = f.u[:, :k] * f.s[:k], None
     u_codes, u_lo, u_step = quantizer.quantize(u, bits, hz, "cols")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ def job(tmp: Path, graft: dict | None = None, **train) -> dict:
         "skills": [{"name": "reverse"}, {"name": "sort"}],
         "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, **train},
         "score": {"examples": 8, "shards": 2},
+        "pack": {"budget": 0.2, "bits": [3], "band_fractions": [1.0], "quantizer": "gptq", "allocation": "energy_importance",
+                 "calibration_examples": 16},
         "evaluate": {"max_new_tokens": 8},
         "graft": graft or {},
     }
@@ -78,6 +81,9 @@ def test_end_to_end_outputs_and_tracking(first_run):
         assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(train.info.run_id, "adapter")}
         assert "skillpack/skillpack.json" in {a.path for a in client.list_artifacts(kids[f"pack/{skill}"].info.run_id, "skillpack")}
         assert kids[f"score/{skill}"].data.metrics["terms"] == 8
+        manifest = json.loads((Path(kids[f"pack/{skill}"].data.tags["graftline.output"]) / "skillpack.json").read_text())
+        assert manifest["total_bytes"] <= 0.2 * manifest["delta_bf16_bytes"] and manifest["settings"]["calibrated"]
+        assert {e["quantizer"] for e in manifest["tensors"].values()} == {"gptq"}  # calibrated on the skill's data
     assert "acc.grafted.reverse" in kids["evaluate/report"].data.metrics
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/eval.json", "report/eval.png", "report/eval.txt"} <= report
