@@ -115,4 +115,4 @@ def expert_input_moments(tb: Testbed, skill: str, examples: int = 256) -> dict[s
     fraction = tb.spec.train.replay_fraction
     rows = tb.train[skill][:examples] + tb.train["general"][:round(examples * fraction / (1 - fraction))]
     model = load_with_adapter(tb.base, tb.adapters[skill])
-    return input_moments_on(model, tb.tokenizer, rows, list(tb.experts[skill]))
+    return dict(input_moments_on(model, tb.tokenizer, rows, list(tb.experts[skill])))  # every pack of the grid reads them all

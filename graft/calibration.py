@@ -6,12 +6,13 @@ second moment of its inputs H = E[x xᵀ] over every real (unpadded) token. Skil
 (`graft.skillpack.pack_skill(..., calibration=...)`): GPTQ rounds the factors so the *output* error on
 such inputs is small, U is refit to the rounded V under it, and an activation-weighted SVD takes the
 input scale s_j = sqrt(H_jj) (`rms_scales`). Layers fed the same tensor (q/k/v, gate/up) share one
-matrix; each costs in_features² floats.
+matrix; each costs in_features² floats (a 7B Llama layer: about 1 GB, the whole model: about 32 GB,
+hence `LayerMoments`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -75,8 +76,46 @@ def rms_scales(moment: torch.Tensor) -> torch.Tensor:
     return rms.clamp_min(float(rms.max()) * EPS_RELATIVE).contiguous()
 
 
+def layer_of(key: str) -> str:
+    """The block a linear weight belongs to: 'model.layers.3' for 'model.layers.3.mlp.up_proj.weight'."""
+    return key.rsplit(".", 3)[0]
+
+
+class LayerMoments(Mapping[str, torch.Tensor]):
+    """`input_moments` of `keys`, computed one layer at a time when first asked for: one pass over
+    `batches` per layer, and only the current layer's matrices in memory. Asking for a key of another
+    layer drops the current ones, so ask in layer order (`sorted(keys)` is); `passes` counts the passes."""
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[dict[str, torch.Tensor]], keys: Iterable[str]) -> None:
+        linear = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        self.model, self.batches = model, list(batches)
+        self._order = [k for k in keys if k.removesuffix(".weight") in linear]
+        self._known = set(self._order)
+        self._held: dict[str, torch.Tensor] = {}
+        self.passes = 0
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._known:
+            raise KeyError(key)
+        if key not in self._held:
+            layer = layer_of(key)
+            self._held = {}
+            self._held = input_moments(self.model, self.batches, [k for k in self._order if layer_of(k) == layer])
+            self.passes += 1
+        return self._held[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._known
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
 def input_moments_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], keys: Iterable[str], max_length: int = 64,
-                     batch_size: int = 32) -> dict[str, torch.Tensor]:
-    """`input_moments` of `model` on prompt/answer `rows` (e.g. the data a skill's expert was trained on)."""
+                     batch_size: int = 32) -> LayerMoments:
+    """Input moments of `model` on prompt/answer `rows` (e.g. the data a skill's expert was trained on), layer by layer."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return input_moments(model, collated_batches(encode_examples(tokenizer, rows, max_length), pad, batch_size), keys)
+    return LayerMoments(model, list(collated_batches(encode_examples(tokenizer, rows, max_length), pad, batch_size)), keys)

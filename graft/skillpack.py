@@ -25,7 +25,7 @@ import hashlib
 import heapq
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -385,19 +385,21 @@ def _nbytes(local: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in local.values())
 
 
-def _checked_moment(key: str, delta: Delta, calibration: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
-    moment = (calibration or {}).get(key)
-    n = _shape(delta)[-1]
-    if moment is not None and tuple(moment.shape) != (n, n):
-        raise SkillPackError(f"calibration moment for tensor {key!r} has shape {tuple(moment.shape)}, expected ({n}, {n})")
-    return moment
+def svd_entry_bytes(shape: tuple[int, int], k: int, st: PackSettings) -> int:
+    """The exact bytes an svd_quant entry of rank k takes: bit-packed U and V codes per band, plus their grids."""
+    rows, cols = shape
+    return sum(-(-rows * n * b // 8) + -(-cols * n * b // 8) + 2 * n * GRID_BYTES
+               for n, b in zip(_bands(k, st.band_fractions), st.bits) if n)
 
 
-def _encode_within_budget(deltas: dict[str, Delta], moments: dict[str, torch.Tensor | None], importance: dict[str, torch.Tensor],
+MomentOf = Callable[[str], torch.Tensor | None]
+
+
+def _encode_within_budget(deltas: dict[str, Delta], moment_of: MomentOf, importance: dict[str, torch.Tensor],
                           st: PackSettings, budget: float) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
-    """svd_quant entries of all `deltas` in at most `budget` bytes: ranks by `allocate_ranks`, then trimmed
-    one direction at a time (the least value per byte first) until the encoded bytes fit."""
-    factors = {k: factorize(d, _weighting(st, moments[k])) for k, d in deltas.items()}
+    """svd_quant entries of all `deltas` in at most `budget` bytes: ranks by `allocate_ranks`, trimmed one
+    direction at a time (the least value per byte first) until their exact bytes fit, then encoded once."""
+    factors = {k: factorize(d, _weighting(st, moment_of(k) if st.weighted_svd else None)) for k, d in sorted(deltas.items())}
     costs = {k: rank_bytes(f.shape, st) for k, f in factors.items()}
     value = RANK_VALUES.get(st.allocation)
     values = {}
@@ -407,37 +409,46 @@ def _encode_within_budget(deltas: dict[str, Delta], moments: dict[str, torch.Ten
         except SkillPackError as e:
             raise SkillPackError(f"tensor {k!r}: {e}") from None
     ranks = allocate_ranks(values, costs, budget)
-    encoded = {k: encode_factors(deltas[k], factors[k], ranks[k], st, moments[k]) for k in deltas}
-    while sum(_nbytes(t) for t, _ in encoded.values()) > budget:
+    while sum(svd_entry_bytes(factors[k].shape, r, st) for k, r in ranks.items()) > budget:
         k = min((k for k in ranks if ranks[k] > 0), key=lambda k: float(values[k][ranks[k] - 1]) / costs[k])
         ranks[k] -= 1
-        encoded[k] = encode_factors(deltas[k], factors[k], ranks[k], st, moments[k])
-    return encoded
+    calibrated = QUANTIZERS.get(st.quantizer).calibrated
+    return {k: encode_factors(deltas[k], factors[k], ranks[k], st, moment_of(k) if calibrated else None) for k in factors}
 
 
 def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, settings: PackSettings,
-               source: dict | None = None, calibration: dict[str, torch.Tensor] | None = None,
+               source: dict | None = None, calibration: Mapping[str, torch.Tensor] | None = None,
                importance: dict[str, torch.Tensor] | None = None) -> SkillPack:
     """Compress `deltas` (keyed by base tensor name) into a SkillPack for the fingerprinted base.
 
-    `calibration` (from `graft.calibration.input_moments`, keyed like `deltas`: each layer's input
-    second moment) is used by calibrated quantizers (`gptq`) and by `weighted_svd`, for the matrices it
-    covers. With `settings.budget`, the pack holds at most that fraction of the bf16 delta's bytes, and
+    `calibration` (each layer's input second moment, keyed like `deltas`: `graft.calibration.input_moments`,
+    or `LayerMoments` to compute them a layer at a time) is used by calibrated quantizers (`gptq`) and by
+    `weighted_svd`, for the matrices it covers; it is read in key order, and only by the steps that use it.
+    With `settings.budget`, the pack holds at most that fraction of the bf16 delta's bytes, and
     `importance` (the skill's per-entry scores, `graft.importance`, keyed like `deltas`) feeds
     importance-aware rank allocation (`settings.allocation`).
     """
-    schemes, moments = {}, {}
+    uses_moments = settings.weighted_svd or QUANTIZERS.get(settings.quantizer).calibrated
+    if uses_moments and not calibration:
+        raise SkillPackError(f"quantizer {settings.quantizer!r}{' with weighted_svd' if settings.weighted_svd else ''} "
+                             "needs calibration moments (graft.calibration.input_moments)")
+
+    def moment_of(key: str) -> torch.Tensor | None:
+        if calibration is None or key not in calibration:
+            return None
+        moment, n = calibration[key], _shape(deltas[key])[-1]
+        if tuple(moment.shape) != (n, n):
+            raise SkillPackError(f"calibration moment for tensor {key!r} has shape {tuple(moment.shape)}, expected ({n}, {n})")
+        return moment
+
+    schemes = {}
     for key in sorted(deltas):
         delta = deltas[key]
         check = delta.A.abs().sum() + delta.B.abs().sum() if isinstance(delta, LowRankDelta) else delta.abs().sum()
         if not torch.isfinite(check):
             raise SkillPackError(f"delta for tensor {key!r} holds NaN or Inf")
         schemes[key] = scheme_for(key, delta)
-        moments[key] = _checked_moment(key, delta, calibration)
-    if (settings.weighted_svd or QUANTIZERS.get(settings.quantizer).calibrated) and not calibration:
-        raise SkillPackError(f"quantizer {settings.quantizer!r}{' with weighted_svd' if settings.weighted_svd else ''} "
-                             "needs calibration moments (graft.calibration.input_moments)")
-    encoded = {k: SCHEMES.get(schemes[k]).encode(deltas[k], settings, moments[k])
+    encoded = {k: SCHEMES.get(schemes[k]).encode(deltas[k], settings, moment_of(k) if uses_moments else None)
                for k in schemes if settings.budget is None or schemes[k] != "svd_quant"}
     bf16_total = sum(2 * math.prod(_shape(d)) for d in deltas.values())
     if settings.budget is not None:
@@ -450,7 +461,7 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
             if importance and k in importance and tuple(importance[k].shape) != _shape(deltas[k]):
                 raise SkillPackError(f"importance score for tensor {k!r} has shape {tuple(importance[k].shape)}, "
                                      f"expected {_shape(deltas[k])}")
-        encoded.update(_encode_within_budget(matrices, moments, importance or {}, settings, left))
+        encoded.update(_encode_within_budget(matrices, moment_of, importance or {}, settings, left))
     tensors: dict[str, torch.Tensor] = {}
     entries: dict[str, dict] = {}
     for key in sorted(encoded):
@@ -467,7 +478,7 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
                      "band_fractions": list(settings.band_fractions), "keep_fraction": settings.keep_fraction,
                      "budget": settings.budget, "allocation": settings.allocation if settings.budget is not None else None,
                      "quantizer": settings.quantizer, "weighted_svd": settings.weighted_svd,
-                     "calibrated": bool(calibration)},
+                     "calibrated": bool(calibration) and uses_moments},
         "source": source or {},
         "tensors": entries,
         "total_bytes": sum(e["bytes"] for e in entries.values()),

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from graft.calibration import input_moments, rms_scales
+from graft.calibration import LayerMoments, input_moments, rms_scales
 from graft.checkpoint import CheckpointReader
 from graft.fingerprint import base_fingerprint
 from graft.lora import LowRankDelta
@@ -100,3 +100,28 @@ def test_calibrated_settings_without_calibration_are_refused(base_model):
     with pytest.raises(SkillPackError, match=key):
         pack_skill("s", {key: delta}, base_fingerprint(reader, [key]), PackSettings(quantizer="gptq"),
                    calibration={key: torch.eye(in_f + 1)})
+
+
+def test_layer_moments_hold_one_layer_and_match_the_whole_pass(base_model, adapter):
+    """Packing in key order computes each layer's moments once, equal to the all-at-once pass."""
+    from graft.data import collated_batches, encode_examples
+    from graft.lora import load_with_adapter, read_lora_deltas
+    from transformers import AutoTokenizer
+
+    deltas = read_lora_deltas(adapter)
+    model = load_with_adapter(base_model, adapter)
+    tok = AutoTokenizer.from_pretrained(str(base_model))
+    rows = [{"prompt": f"rev {w} =", "answer": f" {w[::-1]}"} for w in ("abc", "hello", "graft", "moon")]
+    batches = list(collated_batches(encode_examples(tok, rows, 32), tok.pad_token_id, 2))
+    lazy = LayerMoments(model, batches, list(deltas))
+    reader = CheckpointReader(base_model)
+    pack = pack_skill("s", deltas, base_fingerprint(reader, list(deltas)), PackSettings(bits=(3,), band_fractions=(1.0,),
+                      quantizer="gptq", budget=0.3), calibration=lazy)
+    layers = {k.rsplit(".", 3)[0] for k in deltas}
+    assert lazy.passes == len(layers) == 2
+    whole = input_moments(model, batches, list(deltas))
+    assert set(whole) == set(lazy) == set(deltas)
+    for key in sorted(deltas):
+        torch.testing.assert_close(lazy[key], whole[key])
+    assert pack.manifest["settings"]["calibrated"]
+    assert dict(lazy).keys() == set(deltas)  # a real Mapping: dict() and .keys() work

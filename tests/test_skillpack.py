@@ -10,7 +10,7 @@ from graft.fingerprint import base_fingerprint
 from graft.grafting import graft
 from graft.lora import LowRankDelta, load_with_adapter, read_lora_deltas
 from graft.quantize import column_grid, dequantize_columns, pack_bits, quantize_columns, round_to_grid, unpack_bits
-from graft.skillpack import PackSettings, SkillPack, SkillPackError, energy_rank, pack_skill, rank_bytes
+from graft.skillpack import PackSettings, SkillPack, SkillPackError, energy_rank, pack_skill, rank_bytes, svd_entry_bytes
 from tests.conftest import make_adapter, make_base
 
 EXACT = PackSettings(energy=1.0, bits=(8,), band_fractions=(1.0,))
@@ -59,6 +59,7 @@ def test_budget_pack_fits_and_spends_rank_where_the_energy_is(base_model):
     assert m["total_bytes"] <= budget * m["delta_bf16_bytes"]
     assert m["total_bytes"] == sum(t.numel() * t.element_size() for t in pack.tensors.values())
     ranks = [m["tensors"][k]["rank"] for k in keys]
+    assert all(m["tensors"][k]["bytes"] == svd_entry_bytes((out_f, in_f), r, st) for k, r in zip(keys, ranks))
     assert ranks[0] == 8 and 0 < ranks[1] < 8 and m["settings"]["budget"] == budget
     with pytest.raises(SkillPackError, match="budget"):
         pack_skill("s", {**deltas, "model.embed_tokens.weight": torch.randn(*reader.shape("model.embed_tokens.weight"))},
