@@ -6,7 +6,7 @@ second moment of its inputs H = E[x xᵀ] over every real (unpadded) token. Skil
 (`graft.skillpack.pack_skill(..., calibration=...)`): GPTQ rounds the factors so the *output* error on
 such inputs is small, U is refit to the rounded V under it, and an activation-weighted SVD takes the
 input scale s_j = sqrt(H_jj) (`rms_scales`). Layers fed the same tensor (q/k/v, gate/up) share one
-matrix; each costs in_features² floats (a 7B Llama layer: about 1 GB, the whole model: about 32 GB,
+matrix; each costs in_features² floats (a Llama-3-8B layer: about 1 GB, all 32 layers: about 33 GB,
 hence `LayerMoments`).
 """
 

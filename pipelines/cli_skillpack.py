@@ -56,6 +56,37 @@ def _calibration(args: argparse.Namespace, keys: list[str]) -> dict:
     return input_moments_on(load_with_adapter(args.base, args.adapter), tokenizer, rows, keys)
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    """Importance scores of an expert (base + adapter) on its data, in one process (the score stage fans this out)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from graft.atomic import atomic_dir
+    from graft.checkpoint import CheckpointError
+    from graft.data import collated_batches, encode_examples, read_jsonl
+    from graft.importance import SCORES, module_summary, save_scores
+    from graft.lora import load_with_adapter
+
+    try:
+        score = SCORES.get(args.method)
+        rows = read_jsonl(args.data)[: args.examples]
+        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        model = load_with_adapter(args.base, args.adapter)
+        partial = score(model, collated_batches(encode_examples(tok, rows, args.max_length), pad, args.batch_size))
+        scores = partial.finalize()
+        summary = module_summary(scores)
+        with atomic_dir(args.out) as tmp:
+            save_scores(scores, tmp / "scores.safetensors", args.method, partial.count)
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
+    except (CheckpointError, ValueError, KeyError, OSError) as e:
+        return _refuse(e)
+    top = ", ".join(f"{k} {v['share']:.3f}" for k, v in list(summary.items())[:3])
+    print(f"{args.out}/scores.safetensors: {args.method} over {partial.count} terms; largest shares: {top}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graft.skillpack import SkillPack, SkillPackError
     from pipelines.report import format_table
@@ -193,6 +224,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calibration-examples", type=int, default=256, help="rows of --calibration-data used")
     p.add_argument("--tokenizer", help="tokenizer folder for the calibration data (default: --base)")
     p.set_defaults(fn=cmd_pack)
+
+    sc = sub.add_parser("score", help="importance scores of an expert (base + LoRA adapter) on its data")
+    sc.add_argument("adapter", help="PEFT LoRA adapter folder")
+    sc.add_argument("--base", required=True)
+    sc.add_argument("--data", required=True, help="JSONL of prompt/answer rows")
+    sc.add_argument("--out", required=True, help="folder for scores.safetensors and summary.json")
+    sc.add_argument("--method", default="fisher", help="fisher, snip or magnitude")
+    sc.add_argument("--examples", type=int, default=256)
+    sc.add_argument("--batch-size", type=int, default=1, help="examples per gradient; 1 = per-example Fisher")
+    sc.add_argument("--max-length", type=int, default=64)
+    sc.add_argument("--tokenizer", help="tokenizer folder (default: --base)")
+    sc.set_defaults(fn=cmd_score)
 
     i = sub.add_parser("inspect", help="table of a SkillPack's modules, schemes, ranks, bits and bytes")
     i.add_argument("pack")

@@ -95,3 +95,21 @@ def test_route_builds_a_routed_model_that_loads_and_refuses_missing_classes(base
     assert "held-out 'rev' prompts" in done.stdout
     routed = RoutedModel.load(out)
     assert [p.name for p in routed.packs] == ["rev"] and routed.router.classes == ["rev", "none"]
+
+
+def test_score_then_pack_with_importance_allocation(base_model, adapter, tmp_path):
+    from graft.importance import load_scores
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(f'{{"prompt": "rev {w} =", "answer": " {w[::-1]}"}}\n' for w in ("abc", "hello", "graft", "xyz")))
+    scored = graft_cli("score", adapter, "--base", base_model, "--data", data, "--out", tmp_path / "scores")
+    assert scored.returncode == 0, scored.stderr
+    scores = load_scores(tmp_path / "scores" / "scores.safetensors")
+    deltas = read_lora_deltas(adapter)
+    assert set(deltas) <= set(scores) and all(float(scores[k].sum()) > 0 for k in deltas)
+    without = graft_cli("pack", adapter, "--base", base_model, "--out", tmp_path / "p0", "--budget", "0.1", "--allocation", "importance")
+    assert without.returncode == 2 and "importance" in without.stderr and not (tmp_path / "p0").exists()
+    packed = graft_cli("pack", adapter, "--base", base_model, "--out", tmp_path / "p1", "--budget", "0.1", "--allocation",
+                       "energy_importance", "--importance", tmp_path / "scores" / "scores.safetensors")
+    assert packed.returncode == 0, packed.stderr
+    assert json.loads((tmp_path / "p1" / "skillpack.json").read_text())["settings"]["allocation"] == "energy_importance"
