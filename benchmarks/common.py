@@ -106,13 +106,21 @@ def fisher_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], bat
     return SCORES.get("fisher")(model, batches).finalize()
 
 
-def expert_input_moments(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:
-    """Each layer's input second moment in the skill's expert, on the mix it was trained on: `examples`
-    of its training rows plus the replayed share of `general` (as the pipeline's pack stage does)."""
-    from graft.calibration import input_moments_on
+def expert_calibration(tb: Testbed, skill: str, examples: int = 256) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
+    """The skill's expert and its calibration batches: `examples` of its training rows plus the replayed share
+    of `general`, the mix it was trained on (as the pipeline's pack stage takes them)."""
+    from graft.data import collated_batches, encode_examples
     from graft.lora import load_with_adapter
 
     fraction = tb.spec.train.replay_fraction
     rows = tb.train[skill][:examples] + tb.train["general"][:round(examples * fraction / (1 - fraction))]
-    model = load_with_adapter(tb.base, tb.adapters[skill])
-    return dict(input_moments_on(model, tb.tokenizer, rows, list(tb.experts[skill])))  # every pack of the grid reads them all
+    batches = list(collated_batches(encode_examples(tb.tokenizer, rows, tb.spec.train.max_length), tb.tokenizer.pad_token_id, 32))
+    return load_with_adapter(tb.base, tb.adapters[skill]), batches
+
+
+def expert_input_moments(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:
+    """Each layer's input second moment in the skill's expert, on its calibration batches (`expert_calibration`)."""
+    from graft.calibration import LayerMoments
+
+    expert, batches = expert_calibration(tb, skill, examples)
+    return dict(LayerMoments(expert, batches, list(tb.experts[skill])))  # every pack of a grid reads them all

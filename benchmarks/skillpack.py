@@ -8,7 +8,9 @@ For each testbed skill, from the LoRA expert that `jobs/testbed.yaml` trains:
   - the budget rule: at most 1/15 of the bf16 delta, ranks allocated across matrices by energy,
     importance (the skill's Fisher scores) or both, rounded to nearest or GPTQ-style against each layer's
     inputs (calibration: the expert on its training rows plus the replayed share of `general`);
-    and the best of those at other budgets, to show where each skill reaches 95%;
+    the same with grid tuning (each column's fp16 grid fitted to the expert's answers on the calibration
+    rows, 40 passes; codes and bytes unchanged); and the best of each at other budgets, to show where
+    each skill reaches 95%;
 - `magnitude_prune`: the expert's delta pruned by magnitude to the bytes of the reference SkillPack
   (6 bytes per kept entry: int32 index + bf16 value), grafted alone;
 - `task_arithmetic`, `ties`, `dare_ties`: the usual way to put the experts in one model, a merge of
@@ -36,11 +38,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DeltaEvaluator, expert_input_moments, load_testbed, machine  # noqa: E402
+from common import DeltaEvaluator, expert_calibration, load_testbed, machine  # noqa: E402
 
 from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
+from graft.calibration import LayerMoments  # noqa: E402
 from graft.fingerprint import base_fingerprint  # noqa: E402
+from graft.grid_tuning import tune_grids  # noqa: E402
 from graft.importance import module_summary  # noqa: E402
 from graft.skillpack import PackSettings, pack_skill  # noqa: E402
 
@@ -53,6 +57,7 @@ BUDGET_BITS = (((4,), (1.0,)), ((3,), (1.0,)), ((4, 3), (0.5, 0.5)))
 ALLOCATIONS = ("energy", "importance", "energy_importance")
 QUANTIZERS = ("rtn", "gptq")
 CURVE = (1 / 25, 1 / 20, 1 / 12, 1 / 10, 1 / 8)  # budgets the best 1/15 budget setting is also run at
+TUNE_STEPS = 40  # grid tuning passes (graft.grid_tuning) for the tuned budget rows
 SPARSE_ENTRY_BYTES = 6
 MERGES = {"task_arithmetic": {}, "ties": {}, "dare_ties": {}}
 
@@ -71,7 +76,8 @@ class SkillRows:
         self.base = base_acc[skill]
         self.expert_acc = ev.accuracy(self.deltas, [skill, "general"])
         self.share = {k: v["share"] for k, v in module_summary(tb.scores[skill]).items()}
-        self.moments = expert_input_moments(tb, skill)
+        self.expert, self.batches = expert_calibration(tb, skill)
+        self.moments = dict(LayerMoments(self.expert, self.batches, list(self.deltas)))
         self.packed: list[dict] = []
 
     def row(self, method: str, settings: dict, nbytes: int, accuracy: dict[str, float]) -> dict:
@@ -82,13 +88,16 @@ class SkillRows:
         print(json.dumps(r), flush=True)
         return r
 
-    def pack(self, settings: PackSettings, min_share: float = 0.0) -> dict:
+    def pack(self, settings: PackSettings, min_share: float = 0.0, tune_steps: int = 0) -> dict:
         kept = {k: d for k, d in self.deltas.items() if self.share.get(k, 1.0) >= min_share}
         pack = pack_skill(self.skill, kept, base_fingerprint(self.reader, list(kept)), settings, calibration=self.moments,
                           importance={k: self.tb.scores[self.skill][k] for k in kept})
+        if tune_steps:
+            pack = tune_grids(pack, self.ev.load(None), self.expert, self.batches, tune_steps)
         described = {"energy": settings.energy, "bits": list(settings.bits), "band_fractions": list(settings.band_fractions),
                      "min_importance_share": min_share, "tensors": len(kept), "weighted_svd": settings.weighted_svd,
-                     "budget": settings.budget, "allocation": settings.allocation, "quantizer": settings.quantizer}
+                     "budget": settings.budget, "allocation": settings.allocation, "quantizer": settings.quantizer,
+                     "tune_steps": tune_steps}
         for unused in (("budget", "allocation") if settings.budget is None else ("energy",)):
             del described[unused]
         accuracy = self.ev.accuracy({k: pack.delta(k) for k in pack.keys()}, [self.skill, "general"])
@@ -125,6 +134,13 @@ def main() -> None:
         best = max(budgeted, key=budgeted.get)
         for budget in CURVE:
             sk.pack(dataclasses.replace(best, budget=budget))
+        tuned = {}
+        for (bits, bands), quantizer in itertools.product(BUDGET_BITS, QUANTIZERS):
+            st = PackSettings(bits=bits, band_fractions=bands, budget=TARGET_RATIO, allocation="energy_importance", quantizer=quantizer)
+            tuned[st] = sk.pack(st, tune_steps=TUNE_STEPS)["gain_retained"]
+        best = max(tuned, key=tuned.get)
+        for budget in CURVE:
+            sk.pack(dataclasses.replace(best, budget=budget), tune_steps=TUNE_STEPS)
         small = [r for r in sk.packed if r["bytes_ratio"] <= TARGET_RATIO]
         smallest = min(sk.packed, key=lambda r: r["bytes"])
         reference[skill] = max(small, key=lambda r: (r["gain_retained"], -r["bytes"])) if small else smallest
@@ -169,11 +185,14 @@ def plot(out: dict, path: Path) -> None:
     skills = list(out["expert_accuracy"])
     fig, axes = plt.subplots(1, len(skills), figsize=(4 * len(skills), 3.6), sharey=True)
     kinds = {"energy rule": ("o", "tab:blue"), "budget, rtn": ("s", "tab:orange"), "budget, gptq": ("D", "tab:green"),
+             "budget, tuned grids": ("*", "black"),
              "magnitude_prune": ("x", "tab:red"), "ties": ("^", "tab:purple")}
 
     def kind(r: dict) -> str | None:
         if r["method"] == "skillpack":
-            return "energy rule" if "budget" not in r["settings"] else f"budget, {r['settings']['quantizer']}"
+            if "budget" not in r["settings"]:
+                return "energy rule"
+            return "budget, tuned grids" if r["settings"]["tune_steps"] else f"budget, {r['settings']['quantizer']}"
         return r["method"] if r["method"] in kinds else None
 
     for ax, skill in zip(axes, skills):

@@ -322,9 +322,9 @@ class SkillPack:
 
     def delta(self, key: str) -> torch.Tensor:
         entry = self.manifest["tensors"][key]
-        return SCHEMES.get(entry["scheme"]).decode(self._stored(key), entry)
+        return SCHEMES.get(entry["scheme"]).decode(self.stored(key), entry)
 
-    def _stored(self, key: str) -> dict[str, torch.Tensor]:
+    def stored(self, key: str) -> dict[str, torch.Tensor]:
         """The stored tensors of one entry, by their local names (e.g. 's', 'u0.codes')."""
         return {name.split("::", 1)[1]: self.tensors[name] for name in self.manifest["tensors"][key]["stored"]}
 
@@ -336,7 +336,7 @@ class SkillPack:
         entry = self.manifest["tensors"][key]
         if entry["scheme"] != "svd_quant":
             return None
-        return _svd_factors(self._stored(key), entry)
+        return _svd_factors(self.stored(key), entry)
 
     @property
     def name(self) -> str:

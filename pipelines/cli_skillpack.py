@@ -16,22 +16,28 @@ def _refuse(e: Exception) -> int:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from graft.checkpoint import CheckpointError, CheckpointReader
+    from graft.calibration import LayerMoments
     from graft.fingerprint import base_fingerprint
+    from graft.grid_tuning import tune_grids
     from graft.importance import load_scores
-    from graft.lora import read_lora_deltas
+    from graft.lora import load_with_adapter, read_lora_deltas
     from graft.skillpack import PackSettings, SkillPackError, pack_skill
 
     try:
         deltas = read_lora_deltas(args.adapter)
         reader = CheckpointReader(args.base)
-        if (args.quantizer == "gptq" or args.weighted_svd) and not args.calibration_data:
-            raise ValueError(f"{'--quantizer gptq' if args.quantizer == 'gptq' else '--weighted-svd'} needs --calibration-data")
+        if (args.quantizer == "gptq" or args.weighted_svd or args.tune_steps) and not args.calibration_data:
+            needs = "--quantizer gptq" if args.quantizer == "gptq" else "--weighted-svd" if args.weighted_svd else "--tune-steps"
+            raise ValueError(f"{needs} needs --calibration-data")
         settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions),
                                 budget=args.budget, quantizer=args.quantizer, weighted_svd=args.weighted_svd, allocation=args.allocation)
-        moments = _calibration(args, list(deltas)) if args.calibration_data else None
+        expert, batches = _calibration(args) if args.calibration_data else (None, None)
+        moments = LayerMoments(expert, batches, list(deltas)) if expert is not None else None
         pack = pack_skill(args.skill or Path(args.adapter).name, deltas, base_fingerprint(reader, list(deltas)), settings,
                           {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())}, calibration=moments,
                           importance=load_scores(args.importance) if args.importance else None)
+        if args.tune_steps:
+            pack = tune_grids(pack, load_with_adapter(args.base, None), expert, batches, args.tune_steps, args.tune_lr)
         pack.save(args.out)
     except (CheckpointError, SkillPackError, ValueError, KeyError, OSError) as e:
         return _refuse(e)
@@ -41,40 +47,38 @@ def cmd_pack(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(args: argparse.Namespace, keys: list[str]) -> dict:
-    """Input second moments of the expert (base + adapter) on the first rows of `--calibration-data`."""
-    from transformers import AutoTokenizer
-
-    from graft.calibration import input_moments_on
-    from graft.data import read_jsonl
+def _calibration(args: argparse.Namespace) -> tuple:
+    """The expert (base + adapter) and the first rows of `--calibration-data` as collated batches with answer labels."""
     from graft.lora import load_with_adapter
 
-    rows = read_jsonl(args.calibration_data)[: args.calibration_examples]
-    if not rows:
-        raise ValueError(f"{args.calibration_data}: no rows to calibrate on")
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-    return input_moments_on(load_with_adapter(args.base, args.adapter), tokenizer, rows, keys)
+    batches = _labelled_batches(args.tokenizer or args.base, args.calibration_data, args.calibration_examples, args.max_length, 32)
+    return load_with_adapter(args.base, args.adapter), batches
+
+
+def _labelled_batches(tokenizer: str, data: str, examples: int, max_length: int, batch_size: int) -> list:
+    """The first `examples` prompt/answer rows of `data`, tokenized and collated (answers labelled)."""
+    from transformers import AutoTokenizer
+
+    from graft.data import collated_batches, encode_examples, read_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return list(collated_batches(encode_examples(tok, read_jsonl(data)[:examples], max_length), pad, batch_size))
 
 
 def cmd_score(args: argparse.Namespace) -> int:
     """Importance scores of an expert (base + adapter) on its data, in one process (the score stage fans this out)."""
     import json
 
-    from transformers import AutoTokenizer
-
     from graft.atomic import atomic_dir
     from graft.checkpoint import CheckpointError
-    from graft.data import collated_batches, encode_examples, read_jsonl
     from graft.importance import SCORES, module_summary, save_scores
     from graft.lora import load_with_adapter
 
     try:
         score = SCORES.get(args.method)
-        rows = read_jsonl(args.data)[: args.examples]
-        tok = AutoTokenizer.from_pretrained(args.tokenizer or args.base)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        model = load_with_adapter(args.base, args.adapter)
-        partial = score(model, collated_batches(encode_examples(tok, rows, args.max_length), pad, args.batch_size))
+        batches = _labelled_batches(args.tokenizer or args.base, args.data, args.examples, args.max_length, args.batch_size)
+        partial = score(load_with_adapter(args.base, args.adapter), batches)
         scores = partial.finalize()
         summary = module_summary(scores)
         with atomic_dir(args.out) as tmp:
@@ -106,6 +110,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(format_table(["tensor", "scheme", "shape", "rank/kept", "bits", "rounding", "bytes", "of bf16"], rows))
     print(f"total: {m['total_bytes']} bytes = {m['total_bytes'] / m['delta_bf16_bytes']:.4f} of the bf16 delta "
           f"({m['delta_bf16_bytes']} bytes)")
+    if "grid_tuning" in m:
+        g = m["grid_tuning"]
+        print(f"grids tuned to the expert: KL {g['kl_before']:.4g} -> {g['kl_after']:.4g} on answer tokens ({g['steps']} passes)")
     return 0
 
 
@@ -222,6 +229,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weighted-svd", action="store_true", help="SVD weighted by input-channel RMS (needs --calibration-data)")
     p.add_argument("--calibration-data", help="JSONL of prompt/answer rows the expert was trained on (calibration)")
     p.add_argument("--calibration-examples", type=int, default=256, help="rows of --calibration-data used")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per calibration row")
+    p.add_argument("--tune-steps", type=int, default=0, help="grid tuning passes over the calibration data: each column's "
+                   "grid fitted so base + pack matches the expert's answers (same bytes; needs --calibration-data)")
+    p.add_argument("--tune-lr", type=float, default=0.003)
     p.add_argument("--tokenizer", help="tokenizer folder for the calibration data (default: --base)")
     p.set_defaults(fn=cmd_pack)
 

@@ -152,6 +152,9 @@ class PackSpec(Strict):
     quantizer: Annotated[str, AfterValidator(QUANTIZERS.check)] = Field(
         "rtn", description="rtn: round to nearest; gptq: round against the layer's inputs on the skill's data (runs calibration)")
     weighted_svd: bool = Field(False, description="SVD weighted by each input channel's RMS on the skill's data (runs calibration)")
+    tune_steps: int = Field(0, ge=0, description="passes of grid tuning after packing: each column's grid fitted so base + pack "
+                            "matches the expert's answers (KL) on the calibration rows; same bytes (runs calibration)")
+    tune_lr: float = Field(0.003, gt=0, description="Adam learning rate of grid tuning")
     min_importance_share: float = Field(0.0, ge=0, lt=1, description="leave out tensors with less of the skill's importance mass")
     calibration_examples: int = Field(256, gt=0, description="skill training examples calibration runs on (plus the "
                                       "train.replay_fraction share of replay data, the mix the expert was trained on)")
@@ -169,7 +172,7 @@ class PackSpec(Strict):
     @property
     def calibrate(self) -> bool:
         """Whether packing needs each layer's input statistics on the skill's data."""
-        return self.weighted_svd or QUANTIZERS.get(self.quantizer).calibrated
+        return self.weighted_svd or QUANTIZERS.get(self.quantizer).calibrated or self.tune_steps > 0
 
 
 class GraftSpec(Strict):

@@ -69,13 +69,14 @@ def test_pack_to_a_budget_with_gptq_calibration(base_model, adapter, tmp_path):
     refused = graft_cli("pack", adapter, "--base", base_model, "--out", pack, "--quantizer", "gptq")
     assert refused.returncode == 2 and "--calibration-data" in refused.stderr and not pack.exists()
     done = graft_cli("pack", adapter, "--base", base_model, "--out", pack, "--quantizer", "gptq", "--bits", "3",
-                     "--band-fractions", "1", "--budget", "0.1", "--calibration-data", data)
+                     "--band-fractions", "1", "--budget", "0.1", "--calibration-data", data, "--tune-steps", "2")
     assert done.returncode == 0, done.stderr
     manifest = json.loads((pack / "skillpack.json").read_text())
     assert manifest["total_bytes"] <= 0.1 * manifest["delta_bf16_bytes"]
     assert {e["quantizer"] for e in manifest["tensors"].values()} == {"gptq"}
+    assert manifest["grid_tuning"]["steps"] == 2 and manifest["grid_tuning"]["matrices"] == len(manifest["tensors"])
     shown = graft_cli("inspect", pack).stdout
-    assert shown.count("gptq") == len(manifest["tensors"]) and "rounding" in shown
+    assert shown.count("gptq") == len(manifest["tensors"]) and "rounding" in shown and "grids tuned to the expert" in shown
 
 
 def test_route_builds_a_routed_model_that_loads_and_refuses_missing_classes(base_model, adapter, tmp_path):

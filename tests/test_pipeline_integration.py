@@ -28,7 +28,7 @@ def job(tmp: Path, graft: dict | None = None, **train) -> dict:
         "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, **train},
         "score": {"examples": 8, "shards": 2},
         "pack": {"budget": 0.2, "bits": [3], "band_fractions": [1.0], "quantizer": "gptq", "allocation": "energy_importance",
-                 "calibration_examples": 16},
+                 "calibration_examples": 16, "tune_steps": 2},
         "evaluate": {"max_new_tokens": 8},
         "graft": graft or {},
     }
@@ -84,6 +84,7 @@ def test_end_to_end_outputs_and_tracking(first_run):
         manifest = json.loads((Path(kids[f"pack/{skill}"].data.tags["graftline.output"]) / "skillpack.json").read_text())
         assert manifest["total_bytes"] <= 0.2 * manifest["delta_bf16_bytes"] and manifest["settings"]["calibrated"]
         assert {e["quantizer"] for e in manifest["tensors"].values()} == {"gptq"}  # calibrated on the skill's data
+        assert manifest["grid_tuning"]["steps"] == 2 and "grid_kl_after" in kids[f"pack/{skill}"].data.metrics
     assert "acc.grafted.reverse" in kids["evaluate/report"].data.metrics
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/eval.json", "report/eval.png", "report/eval.txt"} <= report

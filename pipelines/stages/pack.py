@@ -2,12 +2,14 @@
 
 The adapter's low-rank deltas are compressed module by module (graft.skillpack); each tensor's
 share of the skill's importance mass goes into the manifest, and tensors whose share is below
-`pack.min_importance_share` are left out of the pack. When the pack is calibration-aware
-(`pack.quantizer: gptq` or `pack.weighted_svd`), the expert is run on `calibration_examples` of the
-skill's training rows plus the replayed share of `train.replay_data` (the mix it was trained on), and
-each layer's input second moment goes to the compression (graft.calibration). With `pack.budget` the
-pack holds at most that fraction of the bf16 delta's bytes, its ranks allocated by `pack.allocation`
-(the importance scores above make it importance-aware). Output: `<root>/pack/<skill>-<key>/`.
+`pack.min_importance_share` are left out of the pack. With `pack.budget` the pack holds at most that
+fraction of the bf16 delta's bytes, its ranks allocated by `pack.allocation` (the importance scores
+above make it importance-aware). When the pack is calibration-aware (`pack.quantizer: gptq`,
+`pack.weighted_svd` or `pack.tune_steps`), the expert runs on `calibration_examples` of the skill's
+training rows plus the replayed share of `train.replay_data` (the mix it was trained on): each
+layer's input second moment goes to the compression (graft.calibration), and with `pack.tune_steps`
+the pack's quantization grids are then fitted to the expert's answers on the same rows
+(graft.grid_tuning; same bytes). Output: `<root>/pack/<skill>-<key>/`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from graft.checkpoint import CheckpointReader
+from graft.calibration import LayerMoments
 from graft.fingerprint import base_fingerprint
+from graft.grid_tuning import tune_grids
 from graft.importance import load_scores, module_summary
-from graft.lora import read_lora_deltas
+from graft.lora import load_with_adapter, read_lora_deltas
 from graft.skillpack import PackSettings, pack_skill
 from pipelines.cache import content_key
 from pipelines.context import RunContext, StageResult
@@ -45,18 +49,25 @@ def run(ctx: RunContext) -> StageResult:
             reader = CheckpointReader(prep["base"])
             source = {"adapter": str(trained.outputs[skill]), "base": prep["base"], "job": spec.name,
                       "importance_share": {k: share.get(k) for k in kept}, "dropped": sorted(set(deltas) - set(kept))}
-            moments = None
+            moments = expert = batches = None
             if pk.calibrate:
                 rows = _calibration_rows(prep["data"][skill]["train"], replay, spec.train.replay_fraction, pk.calibration_examples)
-                moments = _input_moments(prep, str(trained.outputs[skill]), rows, list(kept), spec.train.max_length, spec.trust_remote_code)
+                expert, batches = _expert_and_batches(prep, str(trained.outputs[skill]), rows, spec.train.max_length,
+                                                      spec.trust_remote_code)
+                moments = LayerMoments(expert, batches, list(kept))
             pack = pack_skill(skill, kept, base_fingerprint(reader, list(kept)), settings, source, calibration=moments,
                               importance={k: scores[k] for k in kept if k in scores})
+            tuned = {}
+            if pk.tune_steps:
+                base = load_with_adapter(prep["base"], None, spec.trust_remote_code)
+                pack = tune_grids(pack, base, expert, batches, pk.tune_steps, pk.tune_lr)
+                tuned = {f"grid_{k}": pack.manifest["grid_tuning"][k] for k in ("kl_before", "kl_after")}
             pack.write_into(tmp)
             run.artifact(tmp, "skillpack")
             m = pack.manifest
             return {"bytes": m["total_bytes"], "bf16_delta_bytes": m["delta_bf16_bytes"],
                     "bytes_ratio": m["total_bytes"] / m["delta_bf16_bytes"], "tensors": len(kept),
-                    "mean_rank": sum(e.get("rank", 0) for e in m["tensors"].values()) / max(1, len(kept))}
+                    "mean_rank": sum(e.get("rank", 0) for e in m["tensors"].values()) / max(1, len(kept)), **tuned}
 
         ctx.run_item(NAME, s.name, key, {"skill": s.name, **pk.model_dump(mode="json")}, build, result)
     return result
@@ -73,13 +84,14 @@ def _calibration_rows(data: str, replay: dict | None, replay_fraction: float, ex
     return rows
 
 
-def _input_moments(prep: dict, adapter: str, rows: list[dict[str, str]], keys: list[str], max_length: int,
-                   trust_remote_code: bool) -> dict:
-    """Each layer's input second moment in the expert (base + adapter) on `rows`."""
+def _expert_and_batches(prep: dict, adapter: str, rows: list[dict[str, str]], max_length: int, trust_remote_code: bool,
+                        batch_size: int = 32) -> tuple:
+    """The expert (base + adapter) and `rows` as collated batches with answer labels, for calibration and grid tuning."""
     from transformers import AutoTokenizer
 
-    from graft.calibration import input_moments_on
-    from graft.lora import load_with_adapter
+    from graft.data import collated_batches, encode_examples
 
-    model = load_with_adapter(prep["base"], adapter, trust_remote_code)
-    return input_moments_on(model, AutoTokenizer.from_pretrained(prep["tokenizer"]), rows, keys, max_length)
+    tok = AutoTokenizer.from_pretrained(prep["tokenizer"])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    batches = list(collated_batches(encode_examples(tok, rows, max_length), pad, batch_size))
+    return load_with_adapter(prep["base"], adapter, trust_remote_code), batches
