@@ -91,26 +91,27 @@ def _answer_positions(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return mask
 
 
-def _inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k != "labels"}
+def _inputs(batch: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {k: v.to(device) for k, v in batch.items() if k != "labels"}
 
 
 @contextmanager
 def _grafted(model: nn.Module, pack: SkillPack, tunable: _Tunable) -> Iterator[None]:
     """The base `model` with the pack's fixed parts added to its weights and the tunable ones hooked on; undone after."""
-    params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     saved, handles = {}, []
     try:
         with torch.no_grad():
             for key in pack.keys():
                 if key not in tunable.keys:
-                    saved[key] = params[key].detach().clone()
-                    params[key] += pack.delta(key).to(params[key].dtype).view_as(params[key])
+                    param = model.get_parameter(key)
+                    saved[key] = param.detach().clone()
+                    param += pack.delta(key).to(param.device, param.dtype).view_as(param)
         for key in tunable.keys:
             def hook(module, args, output, key=key):
-                u, v = tunable.factors(key)
-                return output + (args[0].to(u.dtype) @ v) @ u.T
+                u, v = (f.to(output.device) for f in tunable.factors(key))
+                return output + ((args[0].to(u.dtype) @ v) @ u.T).to(output.dtype)
             handles.append(modules[key.removesuffix(".weight")].register_forward_hook(hook))
         yield
     finally:
@@ -118,7 +119,7 @@ def _grafted(model: nn.Module, pack: SkillPack, tunable: _Tunable) -> Iterator[N
             h.remove()
         with torch.no_grad():
             for key, value in saved.items():
-                params[key].copy_(value)
+                model.get_parameter(key).copy_(value)
 
 
 def tune_grids(pack: SkillPack, model: nn.Module, expert: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
@@ -129,7 +130,8 @@ def tune_grids(pack: SkillPack, model: nn.Module, expert: nn.Module, batches: Se
     pack compresses (e.g. base + LoRA adapter); `batches` collated calibration data with `labels` marking
     answers (`graft.data.collated_batches`). `steps` passes over the batches; the grids of the pass with
     the least KL are kept (the untouched ones if none is better). The new pack's manifest records the
-    KL before and after under "grid_tuning".
+    KL before and after under "grid_tuning". The expert's distributions at every answer position are held
+    in host memory (positions × vocabulary floats); each model runs on its own device.
     """
     modules = dict(model.named_modules())
     keys = [k for k in pack.keys() if pack.manifest["tensors"][k]["scheme"] == "svd_quant"
@@ -140,7 +142,10 @@ def tune_grids(pack: SkillPack, model: nn.Module, expert: nn.Module, batches: Se
         raise ValueError("grid tuning needs calibration batches with answer tokens (labels other than -100)")
     expert.eval()
     with torch.no_grad():
-        targets = [torch.log_softmax(expert(**_inputs(b)).logits.float(), -1)[_answer_positions(b)] for b in batches]
+        targets = []
+        for b in batches:
+            logits = expert(**_inputs(b, expert)).logits.float()
+            targets.append(torch.log_softmax(logits[_answer_positions(b).to(logits.device)], -1).cpu())
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     was_training = model.training
     model.eval()
@@ -148,7 +153,9 @@ def tune_grids(pack: SkillPack, model: nn.Module, expert: nn.Module, batches: Se
         p.requires_grad_(False)
 
     def kl(batch: dict[str, torch.Tensor], target: torch.Tensor) -> torch.Tensor:  # KL(expert ‖ model) per answer token
-        student = torch.log_softmax(model(**_inputs(batch)).logits.float()[_answer_positions(batch)], -1)
+        logits = model(**_inputs(batch, model)).logits.float()
+        student = torch.log_softmax(logits[_answer_positions(batch).to(logits.device)], -1)
+        target = target.to(student.device)
         return (target.exp() * (target - student)).sum(-1).mean()
 
     def mean_kl() -> float:
