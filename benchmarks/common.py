@@ -109,13 +109,12 @@ def fisher_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], bat
 def expert_calibration(tb: Testbed, skill: str, examples: int = 256) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
     """The skill's expert and its calibration batches: `examples` of its training rows plus the replayed share
     of `general`, the mix it was trained on (as the pipeline's pack stage takes them)."""
-    from graft.data import collated_batches, encode_examples
+    from graft.data import labelled_batches
     from graft.lora import load_with_adapter
 
     fraction = tb.spec.train.replay_fraction
     rows = tb.train[skill][:examples] + tb.train["general"][:round(examples * fraction / (1 - fraction))]
-    batches = list(collated_batches(encode_examples(tb.tokenizer, rows, tb.spec.train.max_length), tb.tokenizer.pad_token_id, 32))
-    return load_with_adapter(tb.base, tb.adapters[skill]), batches
+    return load_with_adapter(tb.base, tb.adapters[skill]), labelled_batches(tb.tokenizer, rows, tb.spec.train.max_length, 32)
 
 
 def expert_input_moments(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:

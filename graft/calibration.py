@@ -16,8 +16,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from graft.data import collated_batches, encode_examples
-
 EPS_RELATIVE = 1e-4  # channels never driven still get a small scale, so the SVD stays well defined
 
 
@@ -112,10 +110,3 @@ class LayerMoments(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._order)
-
-
-def input_moments_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], keys: Iterable[str], max_length: int = 64,
-                     batch_size: int = 32) -> LayerMoments:
-    """Input moments of `model` on prompt/answer `rows` (e.g. the data a skill's expert was trained on), layer by layer."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return LayerMoments(model, list(collated_batches(encode_examples(tokenizer, rows, max_length), pad, batch_size)), keys)

@@ -61,6 +61,12 @@ def collated_batches(examples: list[tuple[list[int], list[int]]], pad_id: int, b
         yield collate(examples[i:i + batch_size], pad_id)
 
 
+def labelled_batches(tokenizer, rows: list[dict[str, str]], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Prompt/answer `rows` tokenized and collated in order, answers labelled (for scoring, calibration, grid tuning)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return list(collated_batches(encode_examples(tokenizer, rows, max_length), pad, batch_size))
+
+
 def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch of (ids, labels) for training; padded positions carry no loss."""
     n = max(len(ids) for ids, _ in batch)

@@ -21,14 +21,16 @@ def cmd_pack(args: argparse.Namespace) -> int:
     from graft.grid_tuning import tune_grids
     from graft.importance import load_scores
     from graft.lora import load_with_adapter, read_lora_deltas
+    from graft.quantize import QUANTIZERS
     from graft.skillpack import PackSettings, SkillPackError, pack_skill
 
     try:
         deltas = read_lora_deltas(args.adapter)
         reader = CheckpointReader(args.base)
-        if (args.quantizer == "gptq" or args.weighted_svd or args.tune_steps) and not args.calibration_data:
-            needs = "--quantizer gptq" if args.quantizer == "gptq" else "--weighted-svd" if args.weighted_svd else "--tune-steps"
-            raise ValueError(f"{needs} needs --calibration-data")
+        needs = [flag for flag, on in ((f"--quantizer {args.quantizer}", QUANTIZERS.get(args.quantizer).calibrated),
+                                       ("--weighted-svd", args.weighted_svd), ("--tune-steps", args.tune_steps > 0)) if on]
+        if needs and not args.calibration_data:
+            raise ValueError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} --calibration-data")
         settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions),
                                 budget=args.budget, quantizer=args.quantizer, weighted_svd=args.weighted_svd, allocation=args.allocation)
         expert, batches = _calibration(args) if args.calibration_data else (None, None)
@@ -59,11 +61,9 @@ def _labelled_batches(tokenizer: str, data: str, examples: int, max_length: int,
     """The first `examples` prompt/answer rows of `data`, tokenized and collated (answers labelled)."""
     from transformers import AutoTokenizer
 
-    from graft.data import collated_batches, encode_examples, read_jsonl
+    from graft.data import labelled_batches, read_jsonl
 
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    return list(collated_batches(encode_examples(tok, read_jsonl(data)[:examples], max_length), pad, batch_size))
+    return labelled_batches(AutoTokenizer.from_pretrained(tokenizer), read_jsonl(data)[:examples], max_length, batch_size)
 
 
 def cmd_score(args: argparse.Namespace) -> int:

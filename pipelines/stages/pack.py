@@ -89,9 +89,7 @@ def _expert_and_batches(prep: dict, adapter: str, rows: list[dict[str, str]], ma
     """The expert (base + adapter) and `rows` as collated batches with answer labels, for calibration and grid tuning."""
     from transformers import AutoTokenizer
 
-    from graft.data import collated_batches, encode_examples
+    from graft.data import labelled_batches
 
-    tok = AutoTokenizer.from_pretrained(prep["tokenizer"])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    batches = list(collated_batches(encode_examples(tok, rows, max_length), pad, batch_size))
+    batches = labelled_batches(AutoTokenizer.from_pretrained(prep["tokenizer"]), rows, max_length, batch_size)
     return load_with_adapter(prep["base"], adapter, trust_remote_code), batches
