@@ -6,6 +6,8 @@ Variants, all from the same experts of `jobs/testbed.yaml` and the SkillPacks it
   base's and earlier skills' Fisher importance);
 - `routed`: a RoutedModel over the packs so far, its router trained on the skills' training prompts
   plus general prompts (class "none");
+- `routed_1_15`: the same over SkillPacks at most 1/15 of each bf16 delta (`SMALL`: 3 bits, GPTQ,
+  Fisher-aware ranks, grids tuned to the expert, as in benchmarks/skillpack.py);
 - `ties`: the merging baseline, TIES of the experts so far (density `--density`).
 After each step every skill added so far (and `general`) is evaluated on its held-out set.
 final_forgetting[skill] = 100 · (accuracy right after it was added − accuracy at the end), in points.
@@ -28,16 +30,30 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DeltaEvaluator, fisher_on, load_testbed, machine, state_accuracy  # noqa: E402
+from common import DeltaEvaluator, expert_calibration, fisher_on, load_testbed, machine, state_accuracy  # noqa: E402
 
 from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
+from graft.calibration import LayerMoments  # noqa: E402
+from graft.fingerprint import base_fingerprint  # noqa: E402
 from graft.fusion import protected_tensors  # noqa: E402
+from graft.grid_tuning import tune_grids  # noqa: E402
 from graft.grafting import grafted_tensors  # noqa: E402
 from graft.routing import NONE, build_routed  # noqa: E402
-from graft.skillpack import SkillPack  # noqa: E402
+from graft.skillpack import PackSettings, SkillPack, pack_skill  # noqa: E402
 
 ROUTER_PROMPTS = 400
+SMALL = PackSettings(bits=(3,), band_fractions=(1.0,), budget=1 / 15, quantizer="gptq", allocation="energy_importance")
+TUNE_STEPS = 40
+
+
+def small_pack(tb, ev: DeltaEvaluator, reader: CheckpointReader, skill: str) -> SkillPack:
+    """The skill's expert packed to 1/15 of its bf16 delta (SMALL), grids tuned to the expert."""
+    deltas = tb.experts[skill]
+    expert, batches = expert_calibration(tb, skill)
+    pack = pack_skill(skill, deltas, base_fingerprint(reader, list(deltas)), SMALL, calibration=LayerMoments(expert, batches, list(deltas)),
+                      importance={k: tb.scores[skill][k] for k in deltas})
+    return tune_grids(pack, ev.load(None), expert, batches, TUNE_STEPS)
 
 
 def forgetting(steps: list[dict], order: list[str]) -> dict[str, float]:
@@ -91,12 +107,14 @@ def main() -> None:
         yield "protected", lambda k: state_accuracy(ev, dict(protected_tensors(
             reader, packs[:k], [tb.scores[s] for s in order[:k]], args.protect, base_scores)), seen(k))
 
-        def routed(k: int) -> dict[str, float]:
+        def routed(k: int, over: list[SkillPack] = packs) -> dict[str, float]:
             by_class = {s: prompts(s) for s in order[:k]} | {NONE: prompts("general")}
-            model = build_routed(tb.base, packs[:k], by_class, seed=tb.spec.seed, tokenizer=tb.tokenizer_path)
+            model = build_routed(tb.base, over[:k], by_class, seed=tb.spec.seed, tokenizer=tb.tokenizer_path)
             return ev.model_accuracy(model, seen(k))
 
         yield "routed", routed
+        small = [small_pack(tb, ev, reader, s) for s in order]
+        yield "routed_1_15", lambda k: routed(k, small)
         yield "ties", lambda k: ev.accuracy(merge_deltas([tb.experts[s] for s in order[:k]], "ties", density=args.density,
                                                          seed=tb.spec.seed), seen(k))
 
