@@ -1,9 +1,8 @@
 """Quantization of matrix columns to 1–8 bits, bit-packed into bytes.
 
 Each column gets its own asymmetric grid (min and step, kept in fp16), its range clipped where that
-lowers the column's squared rounding error. Codes are packed as one bit
-stream, `bits` bits per code, so the bytes on disk really are the compressed size (3 bits per code
-take 3/8 of a byte, not a half).
+lowers the column's squared rounding error. Codes are packed as one bit stream, `bits` bits per code,
+so the bytes on disk really are the compressed size (3 bits per code take 3/8 of a byte, not a half).
 
 Two ways to choose the codes, registered by name in `QUANTIZERS`:
 - `rtn`: round each entry to the nearest grid point;

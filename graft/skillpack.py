@@ -198,7 +198,7 @@ def encode_factors(delta: Delta, f: Factors, k: int, st: PackSettings,
     """The svd_quant entry of rank k: U and V quantized by rank band (calibrated by `moment` if the quantizer is)."""
     energy = f.s.double().pow(2)
     kept = float(energy[:k].sum() / energy.sum()) if energy.sum() > 0 else 1.0
-    meta = {"shape": list(f.shape), "rank": k, "bands": [], "energy_kept": kept, "calibrated": f.weighted, "quantizer": st.quantizer}
+    meta = {"shape": list(f.shape), "rank": k, "bands": [], "energy_kept": kept, "weighted_svd": f.weighted, "quantizer": st.quantizer}
     if k == 0:
         return {}, meta
     quantizer = QUANTIZERS.get(st.quantizer)

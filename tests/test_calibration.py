@@ -55,7 +55,7 @@ def test_calibrated_pack_keeps_the_directions_inputs_use(base_model):
     calibrated = pack_skill("s", {key: delta}, fp, PackSettings(energy=0.9, bits=(8,), band_fractions=(1.0,), weighted_svd=True),
                             calibration={key: moment})
     assert 0 < calibrated.manifest["tensors"][key]["rank"] <= plain.manifest["tensors"][key]["rank"] < 8
-    assert calibrated.manifest["tensors"][key]["calibrated"] and calibrated.manifest["settings"]["calibrated"]
+    assert calibrated.manifest["tensors"][key]["weighted_svd"] and calibrated.manifest["settings"]["calibrated"]
 
     def err(pack):
         return ((delta.dense() - pack.delta(key)) @ x.T).norm() / (delta.dense() @ x.T).norm()
