@@ -169,3 +169,15 @@ def test_adapter_reading_other_family(tmp_path):
     base = make_base(tmp_path / "b", family="qwen2")
     ad = make_adapter(base, tmp_path / "a", targets=("q_proj",))
     assert set(read_lora_deltas(ad)) == {f"model.layers.{i}.self_attn.q_proj.weight" for i in range(2)}
+
+
+def test_format_v1_entries_with_sigma_apart_still_decode(base_model, adapter, tmp_path):
+    """A v1 pack kept σ as its own tensor `s`; decoding multiplies it back into U."""
+    pack = make_pack(base_model, adapter)
+    key = next(k for k in pack.keys() if pack.manifest["tensors"][k]["scheme"] == "svd_quant")
+    entry = pack.manifest["tensors"][key]
+    v1 = SkillPack({**pack.manifest, "format_version": 1,
+                    "tensors": {**pack.manifest["tensors"], key: {**entry, "stored": [*entry["stored"], f"{key}::s"]}}},
+                   {**pack.tensors, f"{key}::s": torch.full((entry["rank"],), 2.0)})
+    loaded = SkillPack.load(v1.save(tmp_path / "v1"))
+    torch.testing.assert_close(loaded.delta(key), 2 * pack.delta(key))
