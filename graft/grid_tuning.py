@@ -19,8 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from graft.quantize import unpack_bits
-from graft.skillpack import SkillPack
+from graft.skillpack import Band, SkillPack, svd_bands
 
 DEFAULT_STEPS = 40
 DEFAULT_LR = 3e-3  # 1e-2 measured unstable on the testbed (KL back up after 20+ passes)
@@ -28,20 +27,20 @@ DEFAULT_LR = 3e-3  # 1e-2 measured unstable on the testbed (KL back up after 20+
 
 @dataclass
 class _Column:
-    """One band of one factor: fixed codes and grid, and the two learnable numbers per column."""
+    """One stored band of one factor, its codes fixed, with the two learnable numbers per column."""
 
-    codes: torch.Tensor  # (rows, n) float
-    lo: torch.Tensor  # (n,) float32 from fp16
-    step: torch.Tensor
+    band: Band
     log_scale: torch.Tensor  # (n,) learnable
     shift: torch.Tensor  # (n,) learnable, in units of step
 
     def values(self) -> torch.Tensor:
-        return self.codes * (self.step * self.log_scale.exp()) + self.lo + self.step * self.shift
+        step, lo = self.band.step.float(), self.band.lo.float()
+        return self.band.codes.float() * (step * self.log_scale.exp()) + lo + step * self.shift
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
-            return (self.lo + self.step * self.shift).half(), (self.step * self.log_scale.exp()).half()
+            step, lo = self.band.step.float(), self.band.lo.float()
+            return (lo + step * self.shift).half(), (step * self.log_scale.exp()).half()
 
 
 class _Tunable:
@@ -49,35 +48,30 @@ class _Tunable:
 
     def __init__(self, pack: SkillPack, keys: Sequence[str]) -> None:
         self.pack, self.keys = pack, list(keys)
-        self.bands: dict[tuple[str, str, int], _Column] = {}
+        self.columns: dict[str, list[_Column]] = {}
         for key in self.keys:
-            entry, stored = pack.manifest["tensors"][key], pack.stored(key)
+            stored = pack.stored(key)
             if "s" in stored:
                 raise ValueError(f"{pack.folder or pack.name}: tensor {key!r} is in SkillPack format v1 (σ stored apart); "
                                  "repack it to tune")
-            rows, cols = entry["shape"]
-            for b in entry["bands"]:
-                i, n, bits = b["band"], b["cols"], b["bits"]
-                for name, dim in (("u", rows), ("v", cols)):
-                    lo, step = stored[f"{name}{i}.min"].float(), stored[f"{name}{i}.step"].float()
-                    codes = unpack_bits(stored[f"{name}{i}.codes"], bits, dim * n).view(dim, n).float()
-                    self.bands[(key, name, i)] = _Column(codes, lo, step, torch.zeros(n, requires_grad=True),
-                                                         torch.zeros(n, requires_grad=True))
+            self.columns[key] = [_Column(band, torch.zeros(band.codes.shape[1], requires_grad=True),
+                                         torch.zeros(band.codes.shape[1], requires_grad=True))
+                                 for band in svd_bands(stored, pack.manifest["tensors"][key])]
 
     def parameters(self) -> list[torch.Tensor]:
-        return [p for c in self.bands.values() for p in (c.log_scale, c.shift)]
+        return [p for cols in self.columns.values() for c in cols for p in (c.log_scale, c.shift)]
 
     def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        bands = self.pack.manifest["tensors"][key]["bands"]
-        u = torch.cat([self.bands[(key, "u", b["band"])].values() for b in bands], dim=1)
-        v = torch.cat([self.bands[(key, "v", b["band"])].values() for b in bands], dim=1)
+        cols = self.columns[key]
+        u = torch.cat([c.values() for c in cols if c.band.factor == "u"], dim=1)
+        v = torch.cat([c.values() for c in cols if c.band.factor == "v"], dim=1)
         return u, v
 
     def tuned_pack(self) -> SkillPack:
         tensors = dict(self.pack.tensors)
-        for (key, name, i), col in self.bands.items():
-            lo, step = col.grid()
-            tensors[f"{key}::{name}{i}.min"], tensors[f"{key}::{name}{i}.step"] = lo, step
+        for key, cols in self.columns.items():
+            for c in cols:
+                tensors[f"{key}::{c.band.prefix}.min"], tensors[f"{key}::{c.band.prefix}.step"] = c.grid()
         manifest = dict(self.pack.manifest)
         manifest.pop("checksums", None)
         manifest.pop("content_hash", None)

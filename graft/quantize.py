@@ -82,8 +82,7 @@ def encode_codes(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits
 
 def quantize_columns(x: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     """Round-to-nearest of each column of a 2-D tensor; returns packed codes, per-column min and step."""
-    lo, step = column_grid(x, bits)
-    return encode_codes(round_to_grid(x, lo, step, bits), lo, step, bits)
+    return encode_codes(*rtn(x, [bits] * x.shape[1]), bits)
 
 
 def dequantize_columns(q: dict[str, torch.Tensor], bits: int, shape: tuple[int, int]) -> torch.Tensor:

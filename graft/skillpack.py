@@ -25,7 +25,7 @@ import hashlib
 import heapq
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from graft.atomic import atomic_dir
 from graft.calibration import rms_scales
 from graft.lora import LowRankDelta
-from graft.quantize import QUANTIZERS, dequantize_columns, encode_codes, from_grid
+from graft.quantize import QUANTIZERS, encode_codes, from_grid, unpack_bits
 from graft.registry import Registry
 
 FORMAT = "graftline.skillpack"
@@ -237,16 +237,42 @@ def _encode_svd_quant(delta: Delta, st: PackSettings, moment: torch.Tensor | Non
     return encode_factors(delta, f, energy_rank(f.s, st.energy), st, moment)
 
 
+@dataclass(frozen=True)
+class Band:
+    """One stored rank band of one factor of an svd_quant entry: its codes on an fp16 (min, step) grid."""
+
+    factor: str  # "u" or "v"
+    index: int  # the band's number; its tensors are f"{factor}{index}.codes/.min/.step"
+    start: int  # first rank column of the band
+    codes: torch.Tensor  # (rows of the factor, columns of the band), int64
+    lo: torch.Tensor
+    step: torch.Tensor
+
+    @property
+    def prefix(self) -> str:
+        return f"{self.factor}{self.index}"
+
+
+def svd_bands(t: dict[str, torch.Tensor], meta: dict) -> Iterator[Band]:
+    """The bands of an svd_quant entry's stored tensors `t`, U's and V's of each rank band in turn."""
+    rows, cols = meta["shape"]
+    for b in meta["bands"]:
+        for factor, dim in (("u", rows), ("v", cols)):
+            prefix = f"{factor}{b['band']}"
+            codes = unpack_bits(t[f"{prefix}.codes"], b["bits"], dim * b["cols"]).view(dim, b["cols"])
+            yield Band(factor, b["band"], b["start"], codes, t[f"{prefix}.min"], t[f"{prefix}.step"])
+
+
 def _svd_factors(t: dict[str, torch.Tensor], meta: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, V) of an svd_quant entry, dequantized and joined across rank bands: ΔW = U Vᵀ."""
     rows, cols = meta["shape"]
-    us, vs = [torch.zeros(rows, 0)], [torch.zeros(cols, 0)]
-    for b in meta["bands"]:
-        i, n = b["band"], b["cols"]
-        u = dequantize_columns({p: t[f"u{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (rows, n))
-        us.append(u * t["s"][b["start"]:b["start"] + n] if "s" in t else u)  # format v1 kept σ apart
-        vs.append(dequantize_columns({p: t[f"v{i}.{p}"] for p in ("codes", "min", "step")}, b["bits"], (cols, n)))
-    return torch.cat(us, dim=1), torch.cat(vs, dim=1)
+    parts = {"u": [torch.zeros(rows, 0)], "v": [torch.zeros(cols, 0)]}
+    for band in svd_bands(t, meta):
+        x = from_grid(band.codes, band.lo, band.step)
+        if band.factor == "u" and "s" in t:  # format v1 kept σ apart
+            x = x * t["s"][band.start:band.start + x.shape[1]]
+        parts[band.factor].append(x)
+    return torch.cat(parts["u"], dim=1), torch.cat(parts["v"], dim=1)
 
 
 def _decode_svd_quant(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
