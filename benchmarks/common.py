@@ -99,27 +99,16 @@ def state_accuracy(ev: DeltaEvaluator, state: dict[str, torch.Tensor], skills: l
 def fisher_on(model: torch.nn.Module, tokenizer, rows: list[dict[str, str]], batch_size: int = 16,
               max_length: int = 64) -> dict[str, torch.Tensor]:
     """Fisher diagonal of `model` on `rows`, keyed like the model's state dict."""
-    from graft.data import collated_batches, encode_examples
+    from graft.data import labelled_batches
     from graft.importance import SCORES
 
-    batches = collated_batches(encode_examples(tokenizer, rows, max_length), tokenizer.pad_token_id, batch_size)
-    return SCORES.get("fisher")(model, batches).finalize()
+    return SCORES.get("fisher")(model, labelled_batches(tokenizer, rows, max_length, batch_size)).finalize()
 
 
-def expert_calibration(tb: Testbed, skill: str, examples: int = 256) -> tuple[torch.nn.Module, list[dict[str, torch.Tensor]]]:
-    """The skill's expert and its calibration batches: `examples` of its training rows plus the replayed share
-    of `general`, the mix it was trained on (as the pipeline's pack stage takes them)."""
-    from graft.data import labelled_batches
-    from graft.lora import load_with_adapter
+def calibration_batches(tb: Testbed, skill: str, examples: int = 256) -> list[dict[str, torch.Tensor]]:
+    """A skill's calibration batches: `examples` of its training rows plus the replayed share of `general`,
+    the mix its expert was trained on (as the pipeline's pack stage takes them)."""
+    from graft.data import labelled_batches, replay_mix
 
-    fraction = tb.spec.train.replay_fraction
-    rows = tb.train[skill][:examples] + tb.train["general"][:round(examples * fraction / (1 - fraction))]
-    return load_with_adapter(tb.base, tb.adapters[skill]), labelled_batches(tb.tokenizer, rows, tb.spec.train.max_length, 32)
-
-
-def expert_input_moments(tb: Testbed, skill: str, examples: int = 256) -> dict[str, torch.Tensor]:
-    """Each layer's input second moment in the skill's expert, on its calibration batches (`expert_calibration`)."""
-    from graft.calibration import LayerMoments
-
-    expert, batches = expert_calibration(tb, skill, examples)
-    return dict(LayerMoments(expert, batches, list(tb.experts[skill])))  # every pack of a grid reads them all
+    rows = replay_mix(tb.train[skill][:examples], tb.train["general"], tb.spec.train.replay_fraction)
+    return labelled_batches(tb.tokenizer, rows, tb.spec.train.max_length, 32)

@@ -30,30 +30,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DeltaEvaluator, expert_calibration, fisher_on, load_testbed, machine, state_accuracy  # noqa: E402
+from common import DeltaEvaluator, calibration_batches, fisher_on, load_testbed, machine, state_accuracy  # noqa: E402
 
 from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
-from graft.calibration import LayerMoments  # noqa: E402
-from graft.fingerprint import base_fingerprint  # noqa: E402
 from graft.fusion import protected_tensors  # noqa: E402
-from graft.grid_tuning import tune_grids  # noqa: E402
+from graft.expert_packing import pack_expert  # noqa: E402
 from graft.grafting import grafted_tensors  # noqa: E402
 from graft.routing import NONE, build_routed  # noqa: E402
-from graft.skillpack import PackSettings, SkillPack, pack_skill  # noqa: E402
+from graft.skillpack import PackSettings, SkillPack  # noqa: E402
 
 ROUTER_PROMPTS = 400
 SMALL = PackSettings(bits=(3,), band_fractions=(1.0,), budget=1 / 15, quantizer="gptq", allocation="energy_importance")
 TUNE_STEPS = 40
 
 
-def small_pack(tb, ev: DeltaEvaluator, reader: CheckpointReader, skill: str) -> SkillPack:
+def small_pack(tb, skill: str) -> SkillPack:
     """The skill's expert packed to 1/15 of its bf16 delta (SMALL), grids tuned to the expert."""
     deltas = tb.experts[skill]
-    expert, batches = expert_calibration(tb, skill)
-    pack = pack_skill(skill, deltas, base_fingerprint(reader, list(deltas)), SMALL, calibration=LayerMoments(expert, batches, list(deltas)),
-                      importance={k: tb.scores[skill][k] for k in deltas})
-    return tune_grids(pack, ev.load(None), expert, batches, TUNE_STEPS)
+    return pack_expert(skill, tb.base, tb.adapters[skill], deltas, SMALL, calibration_batches=calibration_batches(tb, skill),
+                       importance={k: tb.scores[skill][k] for k in deltas}, tune_steps=TUNE_STEPS)
 
 
 def forgetting(steps: list[dict], order: list[str]) -> dict[str, float]:
@@ -113,7 +109,7 @@ def main() -> None:
             return ev.model_accuracy(model, seen(k))
 
         yield "routed", routed
-        small = [small_pack(tb, ev, reader, s) for s in order]
+        small = [small_pack(tb, s) for s in order]
         yield "routed_1_15", lambda k: routed(k, small)
         yield "ties", lambda k: ev.accuracy(merge_deltas([tb.experts[s] for s in order[:k]], "ties", density=args.density,
                                                          seed=tb.spec.seed), seen(k))

@@ -38,13 +38,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DeltaEvaluator, expert_calibration, load_testbed, machine  # noqa: E402
+from common import DeltaEvaluator, calibration_batches, load_testbed, machine  # noqa: E402
 
 from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
 from graft.calibration import LayerMoments  # noqa: E402
 from graft.fingerprint import base_fingerprint  # noqa: E402
 from graft.grid_tuning import tune_grids  # noqa: E402
+from graft.lora import load_with_adapter  # noqa: E402
 from graft.importance import module_summary  # noqa: E402
 from graft.skillpack import PackSettings, pack_skill  # noqa: E402
 
@@ -76,8 +77,8 @@ class SkillRows:
         self.base = base_acc[skill]
         self.expert_acc = ev.accuracy(self.deltas, [skill, "general"])
         self.share = {k: v["share"] for k, v in module_summary(tb.scores[skill]).items()}
-        self.expert, self.batches = expert_calibration(tb, skill)
-        self.moments = dict(LayerMoments(self.expert, self.batches, list(self.deltas)))
+        self.expert, self.batches = load_with_adapter(tb.base, tb.adapters[skill]), calibration_batches(tb, skill)
+        self.moments = dict(LayerMoments(self.expert, self.batches, list(self.deltas)))  # every pack of the grid reads them all
         self.packed: list[dict] = []
 
     def row(self, method: str, settings: dict, nbytes: int, accuracy: dict[str, float]) -> dict:

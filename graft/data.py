@@ -61,6 +61,11 @@ def collated_batches(examples: list[tuple[list[int], list[int]]], pad_id: int, b
         yield collate(examples[i:i + batch_size], pad_id)
 
 
+def replay_mix(rows: list[dict[str, str]], replay: list[dict[str, str]], replay_fraction: float) -> list[dict[str, str]]:
+    """`rows` plus the first replay rows, in the share of the whole a training batch gives replay."""
+    return rows + replay[:round(len(rows) * replay_fraction / (1 - replay_fraction))]
+
+
 def labelled_batches(tokenizer, rows: list[dict[str, str]], max_length: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
     """Prompt/answer `rows` tokenized and collated in order, answers labelled (for scoring, calibration, grid tuning)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

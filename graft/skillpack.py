@@ -61,6 +61,11 @@ class PackSettings:
     weighted_svd: bool = False  # SVD of Δ·diag(input RMS); needs calibration
     allocation: str = "energy"  # a RANK_VALUES name: what a direction is worth when `budget` shares bytes out
 
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether packing reads the layers' input moments (a calibrated quantizer or the weighted SVD)."""
+        return self.weighted_svd or QUANTIZERS.get(self.quantizer).calibrated
+
 
 @dataclass(frozen=True)
 class Scheme:
@@ -454,7 +459,7 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
     `importance` (the skill's per-entry scores, `graft.importance`, keyed like `deltas`) feeds
     importance-aware rank allocation (`settings.allocation`).
     """
-    uses_moments = settings.weighted_svd or QUANTIZERS.get(settings.quantizer).calibrated
+    uses_moments = settings.needs_calibration
     if uses_moments and not calibration:
         raise SkillPackError(f"quantizer {settings.quantizer!r}{' with weighted_svd' if settings.weighted_svd else ''} "
                              "needs calibration moments (graft.calibration.input_moments)")

@@ -15,31 +15,26 @@ def _refuse(e: Exception) -> int:
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from graft.checkpoint import CheckpointError, CheckpointReader
-    from graft.calibration import LayerMoments
-    from graft.fingerprint import base_fingerprint
-    from graft.grid_tuning import tune_grids
+    from graft.checkpoint import CheckpointError
+    from graft.expert_packing import pack_expert
     from graft.importance import load_scores
-    from graft.lora import load_with_adapter, read_lora_deltas
-    from graft.quantize import QUANTIZERS
-    from graft.skillpack import PackSettings, SkillPackError, pack_skill
+    from graft.lora import read_lora_deltas
+    from graft.skillpack import PackSettings, SkillPackError
 
     try:
         deltas = read_lora_deltas(args.adapter)
-        reader = CheckpointReader(args.base)
-        needs = [flag for flag, on in ((f"--quantizer {args.quantizer}", QUANTIZERS.get(args.quantizer).calibrated),
-                                       ("--weighted-svd", args.weighted_svd), ("--tune-steps", args.tune_steps > 0)) if on]
-        if needs and not args.calibration_data:
-            raise ValueError(f"{' and '.join(needs)} need{'s' if len(needs) == 1 else ''} --calibration-data")
         settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions),
                                 budget=args.budget, quantizer=args.quantizer, weighted_svd=args.weighted_svd, allocation=args.allocation)
-        expert, batches = _calibration(args) if args.calibration_data else (None, None)
-        moments = LayerMoments(expert, batches, list(deltas)) if expert is not None else None
-        pack = pack_skill(args.skill or Path(args.adapter).name, deltas, base_fingerprint(reader, list(deltas)), settings,
-                          {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())}, calibration=moments,
-                          importance=load_scores(args.importance) if args.importance else None)
-        if args.tune_steps:
-            pack = tune_grids(pack, load_with_adapter(args.base, None), expert, batches, args.tune_steps, args.tune_lr)
+        if (settings.needs_calibration or args.tune_steps) and not args.calibration_data:
+            raise ValueError(f"--quantizer {args.quantizer}{' --weighted-svd' if args.weighted_svd else ''}"
+                             f"{f' --tune-steps {args.tune_steps}' if args.tune_steps else ''}: needs --calibration-data")
+        batches = None
+        if args.calibration_data:
+            batches = _labelled_batches(args.tokenizer or args.base, args.calibration_data, args.calibration_examples, args.max_length, 32)
+        source = {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())}
+        pack = pack_expert(args.skill or Path(args.adapter).name, args.base, args.adapter, deltas, settings, calibration_batches=batches,
+                           importance=load_scores(args.importance) if args.importance else None, source=source,
+                           tune_steps=args.tune_steps, tune_lr=args.tune_lr)
         pack.save(args.out)
     except (CheckpointError, SkillPackError, ValueError, KeyError, OSError) as e:
         return _refuse(e)
@@ -47,14 +42,6 @@ def cmd_pack(args: argparse.Namespace) -> int:
     print(f"{args.out}: {len(m['tensors'])} tensors, {m['total_bytes']} bytes "
           f"({m['total_bytes'] / m['delta_bf16_bytes']:.3f} of the bf16 delta)")
     return 0
-
-
-def _calibration(args: argparse.Namespace) -> tuple:
-    """The expert (base + adapter) and the first rows of `--calibration-data` as collated batches with answer labels."""
-    from graft.lora import load_with_adapter
-
-    batches = _labelled_batches(args.tokenizer or args.base, args.calibration_data, args.calibration_examples, args.max_length, 32)
-    return load_with_adapter(args.base, args.adapter), batches
 
 
 def _labelled_batches(tokenizer: str, data: str, examples: int, max_length: int, batch_size: int) -> list:

@@ -25,7 +25,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from graft.fusion import FUSIONS
 from graft.importance import SCORES
 from graft.quantize import QUANTIZERS, VALID_BITS
-from graft.skillpack import RANK_VALUES
+from graft.skillpack import RANK_VALUES, PackSettings
 from graft.testbed.skills import SKILLS
 from pipelines.sweep_metrics import metric_problem
 
@@ -169,10 +169,15 @@ class PackSpec(Strict):
             raise ValueError("'band_fractions' must sum to 1")
         return self
 
+    def settings(self) -> PackSettings:
+        """The library's settings for these keys."""
+        return PackSettings(energy=self.energy, bits=tuple(self.bits), band_fractions=tuple(self.band_fractions), budget=self.budget,
+                            quantizer=self.quantizer, weighted_svd=self.weighted_svd, allocation=self.allocation)
+
     @property
     def calibrate(self) -> bool:
-        """Whether packing needs each layer's input statistics on the skill's data."""
-        return self.weighted_svd or QUANTIZERS.get(self.quantizer).calibrated or self.tune_steps > 0
+        """Whether packing needs the skill's data run through the expert (input moments or grid tuning)."""
+        return self.settings().needs_calibration or self.tune_steps > 0
 
 
 class GraftSpec(Strict):

@@ -16,25 +16,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from graft.checkpoint import CheckpointReader
-from graft.calibration import LayerMoments
-from graft.fingerprint import base_fingerprint
-from graft.grid_tuning import tune_grids
+from graft.data import labelled_batches, read_jsonl, replay_mix
+from graft.expert_packing import pack_expert
 from graft.importance import load_scores, module_summary
-from graft.lora import load_with_adapter, read_lora_deltas
-from graft.skillpack import PackSettings, pack_skill
+from graft.lora import read_lora_deltas
 from pipelines.cache import content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.stages.train import replay_source
 
 NAME = "pack"
+CALIBRATION_BATCH = 32
 
 
 def run(ctx: RunContext) -> StageResult:
     spec, pk = ctx.spec, ctx.spec.pack
     prep, trained, scored = ctx.results["testbed"].info, ctx.results["train"], ctx.results["score"]
-    settings = PackSettings(energy=pk.energy, bits=tuple(pk.bits), band_fractions=tuple(pk.band_fractions), budget=pk.budget,
-                            quantizer=pk.quantizer, weighted_svd=pk.weighted_svd, allocation=pk.allocation)
+    settings = pk.settings()
     replay = replay_source(prep, spec.train) if pk.calibrate else None
     result = StageResult(NAME)
     for s in spec.skills:
@@ -46,22 +43,18 @@ def run(ctx: RunContext) -> StageResult:
             scores = load_scores(scored.outputs[skill] / "scores.safetensors")
             share = {k: v["share"] for k, v in module_summary(scores).items()}
             kept = {k: d for k, d in deltas.items() if share.get(k, 1.0) >= pk.min_importance_share}
-            reader = CheckpointReader(prep["base"])
             source = {"adapter": str(trained.outputs[skill]), "base": prep["base"], "job": spec.name,
                       "importance_share": {k: share.get(k) for k in kept}, "dropped": sorted(set(deltas) - set(kept))}
-            moments = expert = batches = None
+            batches = None
             if pk.calibrate:
+                from transformers import AutoTokenizer
+
                 rows = _calibration_rows(prep["data"][skill]["train"], replay, spec.train.replay_fraction, pk.calibration_examples)
-                expert, batches = _expert_and_batches(prep, str(trained.outputs[skill]), rows, spec.train.max_length,
-                                                      spec.trust_remote_code)
-                moments = LayerMoments(expert, batches, list(kept))
-            pack = pack_skill(skill, kept, base_fingerprint(reader, list(kept)), settings, source, calibration=moments,
-                              importance={k: scores[k] for k in kept if k in scores})
-            tuned = {}
-            if pk.tune_steps:
-                base = load_with_adapter(prep["base"], None, spec.trust_remote_code)
-                pack = tune_grids(pack, base, expert, batches, pk.tune_steps, pk.tune_lr)
-                tuned = {f"grid_{k}": pack.manifest["grid_tuning"][k] for k in ("kl_before", "kl_after")}
+                batches = labelled_batches(AutoTokenizer.from_pretrained(prep["tokenizer"]), rows, spec.train.max_length, CALIBRATION_BATCH)
+            pack = pack_expert(skill, prep["base"], trained.outputs[skill], kept, settings, calibration_batches=batches,
+                               importance={k: scores[k] for k in kept if k in scores}, source=source, tune_steps=pk.tune_steps,
+                               tune_lr=pk.tune_lr, trust_remote_code=spec.trust_remote_code)
+            tuned = {f"grid_{k}": v for k, v in pack.manifest.get("grid_tuning", {}).items() if k in ("kl_before", "kl_after")}
             pack.write_into(tmp)
             run.artifact(tmp, "skillpack")
             m = pack.manifest
@@ -73,23 +66,7 @@ def run(ctx: RunContext) -> StageResult:
     return result
 
 
-
 def _calibration_rows(data: str, replay: dict | None, replay_fraction: float, examples: int) -> list[dict[str, str]]:
     """The first `examples` training rows of the skill, plus replay rows in the share training used."""
-    from graft.data import read_jsonl
-
     rows = read_jsonl(data)[:examples]
-    if replay is not None:
-        rows += read_jsonl(replay["train"])[:round(examples * replay_fraction / (1 - replay_fraction))]
-    return rows
-
-
-def _expert_and_batches(prep: dict, adapter: str, rows: list[dict[str, str]], max_length: int, trust_remote_code: bool,
-                        batch_size: int = 32) -> tuple:
-    """The expert (base + adapter) and `rows` as collated batches with answer labels, for calibration and grid tuning."""
-    from transformers import AutoTokenizer
-
-    from graft.data import labelled_batches
-
-    batches = labelled_batches(AutoTokenizer.from_pretrained(prep["tokenizer"]), rows, max_length, batch_size)
-    return load_with_adapter(prep["base"], adapter, trust_remote_code), batches
+    return replay_mix(rows, read_jsonl(replay["train"]), replay_fraction) if replay is not None else rows
