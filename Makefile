@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+# DeepSpeed's CPU accelerator JIT-builds its shm comm op at every start: built here, so runs never compile (and stale build locks are cleared)
+	$(PY) -m pipelines.training.extension_locks
 	touch $@
 
 demo: $(VENV)/.installed

@@ -72,7 +72,7 @@ class DeltaEvaluator:
 
         torch.set_num_threads(os.cpu_count() or 1)
         self.tb = tb
-        self.model = AutoModelForCausalLM.from_pretrained(tb.base, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_pretrained(tb.base, dtype=torch.float32, use_safetensors=True)
         self.base_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         self.max_new_tokens = tb.spec.evaluate.max_new_tokens
 

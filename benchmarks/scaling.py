@@ -45,9 +45,11 @@ def main() -> None:
 
     import ray
 
+    from pipelines.cache import Ref
     from pipelines.runtime import ray_session
-    from pipelines.stages.score import score_shard
-    from pipelines.training.trainer import TrainRequest, run_training
+    from pipelines.stages.score import ScoreRequest, score_shard
+    from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
+    from pipelines.training.trainer import TrainJob, TrainRequest, run_training
 
     with tempfile.TemporaryDirectory(prefix="graftline-scaling-") as tmp:
         tmp = Path(tmp)
@@ -57,13 +59,16 @@ def main() -> None:
         write_jsonl(tmp / "data.jsonl", rows)
         tokens = sum(len(ids) for ids, _ in encode_examples(tok, read_jsonl(tmp / "data.jsonl")[: args.examples], 64))
         scoring, training = {}, {}
+        base, data = Ref(str(tmp / "base"), "base"), Ref(str(tmp / "data.jsonl"), "data")
         with ray_session(None, num_cpus=os.cpu_count()):
             task = ray.remote(num_cpus=1)(score_shard)
             for n in (1, 2):
-                def round_(n=n) -> float:
+                req = ScoreRequest(base=base, adapter=None, tokenizer=base, data=data, method="fisher", shards=n, examples=args.examples,
+                                   batch_size=1, max_length=64, trust_remote_code=False)
+
+                def round_(req=req, n=n) -> float:
                     t0 = time.time()
-                    ray.get([task.remote(str(tmp / "base"), None, str(tmp / "base"), str(tmp / "data.jsonl"), i, n,
-                                         args.examples, 1, "fisher", 64, 1, False) for i in range(n)])
+                    ray.get([task.remote(req, i, 1) for i in range(n)])
                     return time.time() - t0
 
                 round_()  # warm-up: worker processes started and imports done
@@ -71,11 +76,12 @@ def main() -> None:
                 print(f"scoring, {n} worker(s): {scoring[str(n)]:.0f} tokens/s", flush=True)
             for n in (1, 2):
                 out = tmp / f"train-{n}"
-                req = TrainRequest(model_path=str(tmp / "base"), tokenizer_path=str(tmp / "base"), data_path=str(tmp / "data.jsonl"),
-                                   out_dir=str(out), mode="lora", steps=args.steps, batch_size=16, lr=1e-3, seed=0,
-                                   num_workers=n, lora={"rank": 8, "alpha": 16, "dropout": 0.0,
-                                                        "target_modules": ["q_proj", "v_proj", "down_proj"]})
-                run_training([req], tmp / "ray_train", f"scaling-{n}")
+                ds = build_deepspeed_config(micro_batch_size=16, lr=1e-3, steps=args.steps, warmup_steps=10, zero_stage=2,
+                                            grad_clip=GRAD_CLIP, bf16=False, offload_optimizer=False)
+                req = TrainRequest(model=base, tokenizer=base, data=data, mode="lora", steps=args.steps, batch_size=16, seed=0,
+                                   deepspeed=ds, num_workers=n, lora={"rank": 8, "alpha": 16, "dropout": 0.0,
+                                                                      "target_modules": ["q_proj", "v_proj", "down_proj"]})
+                run_training([TrainJob(req, str(out))], tmp / "ray_train", f"scaling-{n}", checkpoint_every=args.steps, max_failures=0)
                 training[str(n)] = json.loads((out / "train_info.json").read_text())["steps_per_second"]
                 print(f"training, {n} worker(s): {training[str(n)]:.2f} steps/s", flush=True)
     result = {"machine": machine(), "model": f"llama-{args.size}", "scoring_tokens_per_s": scoring,

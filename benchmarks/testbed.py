@@ -78,7 +78,7 @@ def main() -> None:
         accuracy: dict[str, dict[str, float]] = {}
         behaviour: dict[str, float] = {}
         for name, path in prep["models"].items():
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
             accuracy[name] = {s: exact_match(model, tok, rows, spec.evaluate.max_new_tokens) for s, rows in tests.items()}
             behaviour[name] = behaviour_rate(model, tok, concept, shows_behaviour, spec.evaluate.max_new_tokens)
         for model_name, row in table.items():

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from graft.atomic import atomic_dir
-from graft.lora import LowRankDelta, read_lora_deltas
+from graft.lora import LowRankDelta, adapter_config, read_lora_deltas
 from graft.merge.base import MERGE_METHODS, MISSING, BasePolicy, Scope, TensorTask, spec_of
 
 
@@ -89,8 +89,8 @@ def _dense(delta: torch.Tensor | LowRankDelta) -> torch.Tensor:
 
 def merge_adapters(adapters: Sequence[str | Path], out: str | Path, method: str = "ties",
                    weights: Sequence[float] | None = None, density: float = 1.0, rank: int | None = None,
-                   seed: int = 0, **shared: Any) -> dict:
-    """Merge LoRA `adapters` with `method` into one PEFT LoRA adapter of `rank` at `out` (atomic)."""
+                   seed: int = 0, overwrite: bool = False, **shared: Any) -> dict:
+    """Merge LoRA `adapters` with `method` into one PEFT LoRA adapter of `rank` at `out` (atomic; never over an input)."""
     if len(adapters) < 2:
         raise ValueError("merging needs at least two adapters")
     if spec_of(method).base is not BasePolicy.REQUIRED and method != "linear":
@@ -111,10 +111,10 @@ def merge_adapters(adapters: Sequence[str | Path], out: str | Path, method: str 
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
     keys = list(merged)
-    config = json.loads((Path(adapters[0]) / "adapter_config.json").read_text())
+    config = adapter_config(adapters[0]).model_dump(mode="json")
     config.update({"r": rank, "lora_alpha": rank, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {},
                    "target_modules": sorted({k.removesuffix(".weight").rsplit(".", 1)[-1] for k in keys})})
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, inputs=adapters, kind="adapter") as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=1))
         (tmp / "graft_adapter_merge.json").write_text(json.dumps(

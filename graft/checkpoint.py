@@ -22,6 +22,8 @@ from graft.safetensors_io import NAMES, SafetensorsError, Slot, TensorEntry, rea
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 2 * 1024**3
+# graftline's records about a folder, which describe that folder only: a copy's own are written anew
+NOT_COPIED = ("_graftline.json", "graftline_grafts.json", "graftline.sig")
 
 
 class CheckpointError(ValueError):
@@ -35,7 +37,14 @@ def weight_files(folder: str | Path) -> list[Path]:
         raise CheckpointError(f"{folder}: not a checkpoint folder")
     index = folder / INDEX_NAME
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{index}: weight_map: expected a mapping of tensor names to shard files") from None
+        for n in names:
+            if not isinstance(n, str) or Path(n).name != n or not n.endswith(".safetensors") or not (folder / n).is_file():
+                raise CheckpointError(f"{index}: weight_map: {n!r} is not a .safetensors file in {folder}")
         return [folder / n for n in names]
     files = sorted(folder.glob("*.safetensors"))
     if files:
@@ -77,6 +86,12 @@ class CheckpointReader:
     def dtype_name(self, key: str) -> str:
         return NAMES[self._entries[key].dtype]
 
+    def location(self, key: str) -> tuple[Path, TensorEntry]:
+        """The file holding tensor `key` and the tensor's byte range in it."""
+        if key not in self._where:
+            raise CheckpointError(f"{self.folder}: no tensor {key!r}")
+        return self._where[key], self._entries[key]
+
     def get(self, key: str) -> torch.Tensor:
         """The tensor, in memory of its own (writable; the file is not mapped)."""
         if key not in self._where:
@@ -107,9 +122,9 @@ class CheckpointReader:
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> None:
-    """Copy config, tokenizer and other non-weight files of an HF folder (never pickles)."""
+    """Copy config, tokenizer and other non-weight files of an HF folder (never pickles, nor graftline's own records)."""
     for p in Path(src).iterdir():
-        if p.is_file() and p.suffix not in (".safetensors", *PICKLE_SUFFIXES) and p.name != INDEX_NAME:
+        if p.is_file() and p.suffix not in (".safetensors", *PICKLE_SUFFIXES) and p.name not in (INDEX_NAME, *NOT_COPIED):
             shutil.copy2(p, Path(dst) / p.name)
 
 

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from graft.atomic import atomic_dir
-from graft.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader, copy_side_files, stream_shards
-from graft.grafting import check_pack, grafted_tensors
+from graft.checkpoint import DEFAULT_SHARD_BYTES, CheckpointReader
+from graft.fingerprint import DigestCache
+from graft.grafting import check_pack, checked_record, grafted_tensors, next_record, require_entries, write_grafted
 from graft.registry import Registry
 from graft.skillpack import SkillPack, SkillPackError
 
@@ -43,18 +44,22 @@ class FusionSettings:
     tokenizer: str | Path | None = None  # routed: when the base folder holds no tokenizer
     seed: int = 0
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    digest_cache: DigestCache | None = None
 
 
-def _write_checkpoint(base: str | Path, folder: Path, tensors: TensorStream, st: FusionSettings) -> None:
-    stream_shards(folder, CheckpointReader(base).layout(), tensors, st.max_shard_bytes)
-    copy_side_files(base, folder)
+def _write_checkpoint(reader: CheckpointReader, packs: Sequence[SkillPack], scales: list[float], folder: Path,
+                      tensors: TensorStream, st: FusionSettings) -> None:
+    """The fused weights as a checkpoint that records its packs and scales (graft.grafting.RECORD)."""
+    record = next_record(reader, checked_record(reader, st.digest_cache), packs, scales, st.digest_cache)
+    write_grafted(reader, folder, tensors, record, st.max_shard_bytes)
 
 
 @FUSIONS.register("additive")
 def write_additive(base: str | Path, reader: CheckpointReader, packs: Sequence[SkillPack], scores: Sequence[Scores | None],
                    folder: Path, st: FusionSettings) -> None:
     """θ_base + scale · Σ_i Δ̂_i, as a checkpoint."""
-    _write_checkpoint(base, folder, grafted_tensors(reader, packs, [st.scale] * len(packs)), st)
+    scales = [st.scale] * len(packs)
+    _write_checkpoint(reader, packs, scales, folder, grafted_tensors(reader, packs, scales), st)
 
 
 @FUSIONS.register("protected")
@@ -63,7 +68,8 @@ def write_protected(base: str | Path, reader: CheckpointReader, packs: Sequence[
     """Packs added in order, each shielded from the top `protect_fraction` of earlier skills' importance."""
     if st.scale != 1.0:
         raise ValueError("protected fusion grafts at scale 1.0")
-    _write_checkpoint(base, folder, protected_tensors(reader, packs, scores, st.protect_fraction, st.base_scores), st)
+    tensors = protected_tensors(reader, packs, scores, st.protect_fraction, st.base_scores)
+    _write_checkpoint(reader, packs, [1.0] * len(packs), folder, tensors, st)
 
 
 @FUSIONS.register("routed")
@@ -74,7 +80,7 @@ def write_routed(base: str | Path, reader: CheckpointReader, packs: Sequence[Ski
 
     if not st.router_prompts:
         raise ValueError("routed fusion needs example prompts per skill and for 'none' to train its router")
-    build_routed(base, packs, st.router_prompts, seed=st.seed, tokenizer=st.tokenizer).write_into(folder)
+    build_routed(base, packs, st.router_prompts, seed=st.seed, tokenizer=st.tokenizer, digest_cache=st.digest_cache).write_into(folder)
 
 
 def _normalised(score: torch.Tensor) -> torch.Tensor:
@@ -100,6 +106,7 @@ def protected_tensors(reader: CheckpointReader, packs: Sequence[SkillPack], scor
     `scores[i]` is the importance map of pack i's skill (needed for every pack but the last);
     `base_scores` the base's own (e.g. Fisher on general data), optional.
     """
+    require_entries(reader, packs)
     for key, t in reader.items():
         touching = [i for i, p in enumerate(packs) if key in p]
         if not touching:
@@ -128,7 +135,8 @@ def fuse_into(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Sco
     if len(scores) != len(packs):
         raise ValueError(f"{len(packs)} packs but {len(scores)} score maps")
     reader = CheckpointReader(base)
-    drift = {p.name: check_pack(p, reader, allow_base_drift) for p in packs}
+    record = checked_record(reader, settings.digest_cache)
+    drift = {p.name: check_pack(p, reader, allow_base_drift, settings.digest_cache, record) for p in packs}
     FUSIONS.get(method)(base, reader, packs, scores, folder, settings)
     return {"base": str(base), "packs": [p.name for p in packs], "method": method, "scale": settings.scale,
             "protect_fraction": settings.protect_fraction, "base_drift": drift}
@@ -136,9 +144,10 @@ def fuse_into(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Sco
 
 def graft_protected(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Scores | None], out: str | Path,
                     protect_fraction: float = 0.2, base_scores: Scores | None = None, allow_base_drift: bool = False,
-                    max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> dict:
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, overwrite: bool = False) -> dict:
     """Importance-protected grafting of `packs` (in order) into `base`, written atomically to `out`."""
-    with atomic_dir(out) as tmp:
+    inputs = [base, *(p.folder for p in packs if p.folder is not None)]
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs, kind="grafted") as tmp:
         report = fuse_into(base, packs, scores, tmp, "protected", FusionSettings(
             protect_fraction=protect_fraction, base_scores=base_scores, max_shard_bytes=max_shard_bytes), allow_base_drift)
     return {**report, "out": str(out)}

@@ -7,14 +7,17 @@ rsLoRA). `read_lora_deltas` maps each adapted module to the base checkpoint's te
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from graft.checkpoint import CheckpointError, CheckpointReader
+from graft.artifacts import ArtifactError, parse_json
+from graft.checkpoint import CheckpointError, CheckpointReader, weight_files
+from graft.manifests import AdapterConfig
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @dataclass
@@ -47,17 +50,21 @@ def _base_key(adapter_key: str) -> tuple[str, str]:
     raise CheckpointError(f"adapter tensor {adapter_key!r} is not a LoRA A/B matrix (only plain LoRA is supported)")
 
 
+def adapter_config(folder: str | Path) -> AdapterConfig:
+    """A PEFT LoRA adapter folder's config, checked by schema (CheckpointError naming the file and field)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not an adapter folder")
+    try:
+        return parse_json(folder / ADAPTER_CONFIG, AdapterConfig, "PEFT LoRA adapter")
+    except ArtifactError as e:
+        raise CheckpointError(str(e)) from None
+
+
 def read_lora_deltas(folder: str | Path) -> dict[str, LowRankDelta]:
     """Low-rank deltas of a PEFT LoRA adapter folder, keyed by the base model's tensor names."""
     folder = Path(folder)
-    cfg_path = folder / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise CheckpointError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
-    if cfg.get("use_dora"):
-        raise CheckpointError(f"{cfg_path}: DoRA adapters are not supported")
+    cfg = adapter_config(folder).model_dump()
     reader = CheckpointReader(folder)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for name, t in reader.items():
@@ -85,13 +92,37 @@ def _pattern(patterns: dict, module: str, default):
     return default
 
 
-def load_with_adapter(base: str | Path, adapter: str | Path | None, trust_remote_code: bool = False):
-    """The base causal LM, with a LoRA adapter merged into its weights when one is given."""
-    from transformers import AutoModelForCausalLM
+def check_adapter_folder(adapter: str | Path) -> Path:
+    """The folder, if it holds a LoRA config and `adapter_model.safetensors`; else CheckpointError naming it.
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=trust_remote_code)
-    if adapter is None:
-        return model
+    PEFT falls back to a pickled `adapter_model.bin` when no safetensors file is there; such a folder
+    is refused here, before PEFT looks.
+    """
+    folder = Path(adapter)
+    adapter_config(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        weight_files(folder)  # names a pickle it refuses, if that is what the folder holds
+        raise CheckpointError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    return folder
+
+
+def load_adapter(model, adapter: str | Path):
+    """`model` wrapped with the PEFT adapter in folder `adapter`, read from safetensors only (`check_adapter_folder`)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return PeftModel.from_pretrained(model, str(check_adapter_folder(adapter)))
+
+
+def load_with_adapter(base: str | Path, adapter: str | Path | None, trust_remote_code: bool = False):
+    """The base causal LM (safetensors only), with a LoRA adapter merged into its weights when one is given."""
+    from transformers import AutoModelForCausalLM
+
+    if Path(base).is_dir():
+        weight_files(base)  # a folder holding only pickles is refused by name
+    if adapter is not None:
+        check_adapter_folder(adapter)  # before the base is loaded, not after
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                 use_safetensors=True)
+    if adapter is None:
+        return model
+    return load_adapter(model, adapter).merge_and_unload()

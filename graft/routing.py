@@ -17,12 +17,13 @@ on the untouched base.
   Other vector deltas (norm weights) are applied by re-running that small module with its parameter
   patched, once per distinct routing vector in the batch: exact, and cheap because they are vectors.
 - A routed model saves as a self-describing folder (`routed.json`, `router.safetensors`, a copy of
-  each pack) and loads only against the base it was made for, like a SkillPack.
+  each pack) and loads only against the base it was made for, like a SkillPack. `routed.json` is
+  parsed by its schema (`graft.manifests.RoutedManifest`), covered by a content hash, and its
+  checksums cover every other file of the folder; base drift is allowed only by whoever loads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -36,14 +37,18 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
-from graft.atomic import atomic_dir
+from graft.artifacts import ArtifactError, manifest_hash, parse_json, payload_checksums, safe_name, validate, verify_payload
+from graft.atomic import MARKER, atomic_dir
 from graft.checkpoint import CheckpointReader
-from graft.fingerprint import base_fingerprint, compare
+from graft.fingerprint import DigestCache, base_fingerprint, compare
 from graft.grafting import check_pack
-from graft.skillpack import SkillPack, SkillPackError, read_manifest
+from graft.manifests import ROUTED_FORMAT, ROUTED_VERSION, RoutedManifest
+from graft.signing import SIGNATURE, sign_folder
+from graft.skillpack import SkillPack, SkillPackError
 
-FORMAT = "graftline.routed"
-FORMAT_VERSION = 1
+FORMAT, FORMAT_VERSION = ROUTED_FORMAT, ROUTED_VERSION
+MANIFEST = "routed.json"
+NOT_PAYLOAD = frozenset({MANIFEST, MARKER, SIGNATURE})
 NONE = "none"  # the router's class for prompts of no skill: they run on the base alone
 
 
@@ -255,7 +260,7 @@ class RoutedModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, packs: Sequence[SkillPack], router: Router, base_path: str | Path,
-                 allow_base_drift: bool = False) -> None:
+                 allow_base_drift: bool = False, digest_cache: DigestCache | None = None) -> None:
         super().__init__()
         self.model, self.packs, self.router = model, list(packs), router
         self.base_path, self.allow_base_drift = Path(base_path), allow_base_drift
@@ -265,8 +270,8 @@ class RoutedModel(nn.Module):
         if sorted(router.classes) != sorted([*names, NONE]):
             raise ValueError(f"router classes {router.classes} do not match the packs {names} plus {NONE!r}")
         reader = CheckpointReader(self.base_path)
-        self.base_drift = {p.name: check_pack(p, reader, allow_base_drift) for p in self.packs}
-        self.fingerprint = base_fingerprint(reader, sorted({k for p in self.packs for k in p.keys()}))
+        self.base_drift = {p.name: check_pack(p, reader, allow_base_drift, digest_cache) for p in self.packs}
+        self.fingerprint = base_fingerprint(reader, sorted({k for p in self.packs for k in p.keys()}), digest_cache)
         self.register_buffer("_pack_class", torch.tensor([router.classes.index(n) for n in names], dtype=torch.long),
                              persistent=False)
         self._routing: torch.Tensor | None = None  # (batch, packs), set at prefill
@@ -403,62 +408,79 @@ class RoutedModel(nn.Module):
         return self.model
 
     # --- folders
-    def save(self, folder: str | Path) -> Path:
-        """Write routed.json, router.safetensors and packs/<skill>/ into `folder`, atomically."""
-        with atomic_dir(folder) as tmp:
+    def save(self, folder: str | Path, overwrite: bool = False, sign_with: str | Path | None = None) -> Path:
+        """Write routed.json, router.safetensors and packs/<skill>/ into `folder`, atomically; signed with the
+        private key file `sign_with` when given (`graft.signing`)."""
+        inputs = [self.base_path, *(p.folder for p in self.packs if p.folder is not None)]
+        with atomic_dir(folder, overwrite=overwrite, inputs=inputs, kind="routed") as tmp:
             self.write_into(tmp)
+            if sign_with is not None:
+                sign_folder(tmp, sign_with)
         return Path(folder)
 
     def write_into(self, folder: Path) -> None:
         """Write the routed model's files into an existing folder (the caller owns atomicity)."""
-        for name in (p.name for p in self.packs):
-            if not name or "/" in name or "\\" in name or name.startswith("."):
-                raise ValueError(f"skill name {name!r} cannot name a folder")
+        for pack in self.packs:
+            safe_name(pack.name)
         save_file(self.router.state_tensors(), str(folder / "router.safetensors"), metadata={"format": FORMAT})
         for pack in self.packs:
             (folder / "packs" / pack.name).mkdir(parents=True)
             pack.write_into(folder / "packs" / pack.name)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "base": str(self.base_path.resolve()),
                 "base_fingerprint": self.fingerprint, "packs": [p.name for p in self.packs],
-                "router": {"classes": self.router.classes, "layer": self.router.layer, "hard": self.router.hard,
-                           "sha256": hashlib.sha256((folder / "router.safetensors").read_bytes()).hexdigest()},
-                "allow_base_drift": self.allow_base_drift}
-        (folder / "routed.json").write_text(json.dumps(meta, indent=1))
+                "router": {"classes": self.router.classes, "layer": self.router.layer, "hard": self.router.hard},
+                "checksums": payload_checksums(folder, NOT_PAYLOAD)}
+        meta["content_hash"] = manifest_hash(meta)
+        validate(meta, RoutedManifest, str(folder / MANIFEST))
+        (folder / MANIFEST).write_text(json.dumps(meta, indent=1))
 
     @classmethod
-    def load(cls, folder: str | Path, base: str | Path | None = None, allow_base_drift: bool | None = None,
-             **model_kwargs) -> "RoutedModel":
+    def load(cls, folder: str | Path, base: str | Path | None = None, allow_base_drift: bool = False,
+             digest_cache: DigestCache | None = None, **model_kwargs) -> "RoutedModel":
         """Load a saved routed model on `base` (default: the base path it was saved with); safetensors only.
 
-        Refused, with a SkillPackError naming the folder and tensor, when the base is not the one the
-        folder was made for (or drifted, unless allowed), or when a pack's checksums fail.
+        Refused, with a SkillPackError naming the file and field, when routed.json fails its schema or
+        content hash, a file fails its checksum or is not listed, the base is not the one the folder was
+        made for, or its weights drifted and the caller did not allow it (the folder never does).
         `model_kwargs` go to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`).
         """
         folder = Path(folder)
-        meta = read_manifest(folder / "routed.json", FORMAT, FORMAT_VERSION, "routed model")
-        rpath = folder / "router.safetensors"
-        if hashlib.sha256(rpath.read_bytes()).hexdigest() != meta["router"]["sha256"]:
-            raise SkillPackError(f"{rpath}: checksum mismatch (the router was modified or is corrupt)")
-        base = Path(base) if base is not None else Path(meta["base"])
-        drift_ok = meta["allow_base_drift"] if allow_base_drift is None else allow_base_drift
-        problems, drifted = compare(meta["base_fingerprint"], CheckpointReader(base))
+        meta = read_routed_manifest(folder)
+        base = Path(base) if base is not None else Path(meta.base)
+        problems, drifted = compare(meta.base_fingerprint.model_dump(), CheckpointReader(base), digest_cache)
         if problems:
             raise SkillPackError(f"{folder}: does not fit base {base}: {problems[0]}")
-        if drifted and not drift_ok:
-            raise SkillPackError(f"{folder}: base {base} differs from the base the routed model was made for (weights changed)")
-        packs = [SkillPack.load(folder / "packs" / name) for name in meta["packs"]]
-        state = load_file(str(rpath))
-        r = meta["router"]
-        router = Router(r["classes"], state["mean"].shape[0], r["layer"], r["hard"])
+        if drifted and not allow_base_drift:
+            raise SkillPackError(f"{folder}: base {base} differs from the base the routed model was made for "
+                                 f"(tensor {drifted[0]!r} changed); allow base drift to load it anyway")
+        packs = [SkillPack.load(folder / "packs" / name) for name in meta.packs]
+        state = load_file(str(folder / "router.safetensors"))
+        r = meta.router
+        if set(state) != {"mean", "std", "weight", "bias"} or state["weight"].shape != (len(r.classes), state["mean"].shape[0]):
+            raise SkillPackError(f"{folder / 'router.safetensors'}: does not hold a router for classes {r.classes}")
+        router = Router(r.classes, state["mean"].shape[0], r.layer, r.hard)
         router.load_state_dict(state)
-        model = AutoModelForCausalLM.from_pretrained(str(base), **model_kwargs)
+        model = AutoModelForCausalLM.from_pretrained(str(base), use_safetensors=True, **model_kwargs)
         model.eval()
-        return cls(model, packs, router, base, drift_ok)
+        return cls(model, packs, router, base, allow_base_drift, digest_cache)
+
+
+def read_routed_manifest(folder: Path) -> RoutedManifest:
+    """routed.json, checked by schema, content hash and the checksums of every other file in the folder."""
+    mpath = folder / MANIFEST
+    try:
+        meta = parse_json(mpath, RoutedManifest, "routed model")
+        if meta.content_hash != manifest_hash(json.loads(mpath.read_bytes())):
+            raise ArtifactError(f"{mpath}: content_hash: does not match the manifest (the manifest was modified)")
+        verify_payload(folder, meta.checksums, NOT_PAYLOAD, mpath)
+    except ArtifactError as e:
+        raise SkillPackError(str(e)) from None
+    return meta
 
 
 def build_routed(base_path: str | Path, packs: Sequence[SkillPack | str | Path], prompts_by_class: dict[str, list[str]],
                  layer: int = -1, hard: bool = True, allow_base_drift: bool = False, steps: int = 300, seed: int = 0,
-                 tokenizer: str | Path | None = None, **model_kwargs) -> RoutedModel:
+                 tokenizer: str | Path | None = None, digest_cache: DigestCache | None = None, **model_kwargs) -> RoutedModel:
     """Load the base, train a router on `prompts_by_class` (skill names + "none") and wrap it with `packs`.
 
     `tokenizer` is the folder of the base's tokenizer when it is not saved with the base.
@@ -466,13 +488,13 @@ def build_routed(base_path: str | Path, packs: Sequence[SkillPack | str | Path],
     packs = [p if isinstance(p, SkillPack) else SkillPack.load(p) for p in packs]
     reader = CheckpointReader(base_path)
     for pack in packs:  # refuse a misfit before spending time on the router
-        check_pack(pack, reader, allow_base_drift)
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), **model_kwargs)
+        check_pack(pack, reader, allow_base_drift, digest_cache)
+    model = AutoModelForCausalLM.from_pretrained(str(base_path), use_safetensors=True, **model_kwargs)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(tokenizer or base_path))
     tok.padding_side = "left"
     router = train_router(model, tok, prompts_by_class, layer=layer, hard=hard, steps=steps, seed=seed)
-    return RoutedModel(model, packs, router, base_path, allow_base_drift)
+    return RoutedModel(model, packs, router, base_path, allow_base_drift, digest_cache)
 
 
 def is_routed(folder: str | Path) -> bool:

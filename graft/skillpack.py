@@ -16,37 +16,48 @@ Module-aware compression of Δ = θ_after − θ_before:
 - vectors (norms, biases): fp16 (`dense`).
 A folder holds `pack.safetensors` (the compressed tensors: bytes on disk are the compressed bytes)
 and `skillpack.json` (format version, base fingerprint, per-tensor scheme and bytes, source info,
-checksums). Loading verifies the checksums, so a tampered pack is refused.
+checksums of every other file, and a hash of the manifest itself). Loading parses the manifest by its
+schema (`graft.manifests`), checks each entry against its scheme's model and the stored tensors'
+dtypes and shapes against what the entry implies, and verifies every checksum, so a tampered,
+damaged or hand-made pack is refused with one line naming the file and field before any tensor is
+decoded.
 """
 
 from __future__ import annotations
 
-import hashlib
 import heapq
 import json
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, model_validator
 from safetensors.torch import load_file, save_file
 
-from graft.atomic import atomic_dir
+from graft.artifacts import ArtifactError, manifest_hash, parse_json, payload_checksums, safe_name, validate, verify_payload
+from graft.atomic import MARKER, atomic_dir
 from graft.calibration import rms_scales
+from graft.fingerprint import tensor_digest
 from graft.lora import LowRankDelta
-from graft.quantize import QUANTIZERS, encode_codes, from_grid, unpack_bits
+from graft.manifests import SKILLPACK_FORMAT, SKILLPACK_VERSION, SkillPackManifest
+from graft.quantize import QUANTIZERS, VALID_BITS, encode_codes, from_grid, unpack_bits
 from graft.registry import Registry
+from graft.safetensors_io import NAMES, SafetensorsError, read_header
+from graft.signing import SIGNATURE, sign_folder
 
-FORMAT = "graftline.skillpack"
-FORMAT_VERSION = 2  # v2: singular values folded into U; v1 packs (a separate `s`) still load
+FORMAT, FORMAT_VERSION = SKILLPACK_FORMAT, SKILLPACK_VERSION
+MANIFEST, PAYLOAD = "skillpack.json", "pack.safetensors"
+NOT_PAYLOAD = frozenset({MANIFEST, MARKER, SIGNATURE})  # files of a pack folder its checksums do not cover
 EMBEDDING_MARKERS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
 GRID_BYTES = 4  # fp16 min + fp16 step per quantized column
 
 Delta = torch.Tensor | LowRankDelta
 
 
-class SkillPackError(ValueError):
+class SkillPackError(ArtifactError):
     """A SkillPack that cannot be made, read or applied; the message names the pack and tensor."""
 
 
@@ -67,11 +78,22 @@ class PackSettings:
         return self.weighted_svd or QUANTIZERS.get(self.quantizer).calibrated
 
 
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # stored tensor (local name) → (safetensors dtype, shape)
+
+
 @dataclass(frozen=True)
 class Scheme:
+    """One compression scheme: how a delta is encoded and decoded, and what its manifest entry holds.
+
+    `entry` is the pydantic model of the scheme's manifest entry; `layout(entry)` the stored tensors
+    that entry implies, so a pack is checked against its manifest before anything is decoded.
+    """
+
     # encode(delta, settings, moment): moment is the layer's input second moment (in × in), or None
     encode: Callable[[Delta, PackSettings, torch.Tensor | None], tuple[dict[str, torch.Tensor], dict]]
     decode: Callable[[dict[str, torch.Tensor], dict], torch.Tensor]
+    entry: type[BaseModel]
+    layout: Callable[[BaseModel], Layout]
 
 
 SCHEMES: Registry[Scheme] = Registry("compression scheme")
@@ -273,10 +295,7 @@ def _svd_factors(t: dict[str, torch.Tensor], meta: dict) -> tuple[torch.Tensor, 
     rows, cols = meta["shape"]
     parts = {"u": [torch.zeros(rows, 0)], "v": [torch.zeros(cols, 0)]}
     for band in svd_bands(t, meta):
-        x = from_grid(band.codes, band.lo, band.step)
-        if band.factor == "u" and "s" in t:  # format v1 kept σ apart
-            x = x * t["s"][band.start:band.start + x.shape[1]]
-        parts[band.factor].append(x)
+        parts[band.factor].append(from_grid(band.codes, band.lo, band.step))
     return torch.cat(parts["u"], dim=1), torch.cat(parts["v"], dim=1)
 
 
@@ -308,9 +327,88 @@ def _encode_dense(delta: Delta, st: PackSettings, moment: torch.Tensor | None = 
     return {"value": d.half()}, {"shape": list(d.shape)}
 
 
-SCHEMES.register("svd_quant")(Scheme(_encode_svd_quant, _decode_svd_quant))
-SCHEMES.register("magnitude_prune")(Scheme(_encode_magnitude_prune, _decode_magnitude_prune))
-SCHEMES.register("dense")(Scheme(_encode_dense, lambda t, meta: t["value"].float().view(meta["shape"])))
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheme: str
+    shape: list[PositiveInt]
+    stored: list[str]
+    bytes: NonNegativeInt
+    bf16_bytes: NonNegativeInt
+
+
+class BandEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    band: NonNegativeInt
+    start: NonNegativeInt
+    cols: PositiveInt
+    bits: int = Field(ge=min(VALID_BITS), le=max(VALID_BITS))
+
+
+class SvdQuantEntry(_Entry):
+    scheme: Literal["svd_quant"]
+    shape: list[PositiveInt] = Field(min_length=2, max_length=2)
+    rank: NonNegativeInt
+    bands: list[BandEntry]
+    energy_kept: float = Field(ge=0, le=1 + 1e-6)
+    weighted_svd: bool
+    quantizer: str
+
+    @model_validator(mode="after")
+    def _bands_cover_rank(self) -> "SvdQuantEntry":
+        QUANTIZERS.check(self.quantizer)
+        start = 0
+        for b in self.bands:
+            if b.start != start:
+                raise ValueError(f"bands: band {b.band} starts at column {b.start}, expected {start}")
+            start += b.cols
+        if start != self.rank or self.rank > min(self.shape):
+            raise ValueError(f"rank {self.rank} does not match its bands ({start} columns) or shape {self.shape}")
+        return self
+
+
+def _svd_layout(e: SvdQuantEntry) -> Layout:
+    out: Layout = {}
+    for b in e.bands:
+        for factor, dim in (("u", e.shape[0]), ("v", e.shape[1])):
+            out[f"{factor}{b.band}.codes"] = ("U8", (-(-dim * b.cols * b.bits // 8),))
+            out[f"{factor}{b.band}.min"] = ("F16", (b.cols,))
+            out[f"{factor}{b.band}.step"] = ("F16", (b.cols,))
+    return out
+
+
+class MagnitudePruneEntry(_Entry):
+    scheme: Literal["magnitude_prune"]
+    kept: PositiveInt
+
+    @model_validator(mode="after")
+    def _fits(self) -> "MagnitudePruneEntry":
+        if self.kept > math.prod(self.shape):
+            raise ValueError(f"kept {self.kept} entries of a tensor of shape {self.shape}")
+        return self
+
+
+def _magnitude_layout(e: MagnitudePruneEntry) -> Layout:
+    return {"index": ("I32", (e.kept,)), "value": ("F16", (e.kept,))}
+
+
+def _decode_magnitude_checked(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    n = math.prod(meta["shape"])
+    idx = t["index"]
+    if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= n):
+        raise SkillPackError(f"magnitude_prune entry of shape {meta['shape']} has an index outside the tensor")
+    return _decode_magnitude_prune(t, meta)
+
+
+class DenseEntry(_Entry):
+    scheme: Literal["dense"]
+
+
+SCHEMES.register("svd_quant")(Scheme(_encode_svd_quant, _decode_svd_quant, SvdQuantEntry, _svd_layout))
+SCHEMES.register("magnitude_prune")(Scheme(_encode_magnitude_prune, _decode_magnitude_checked, MagnitudePruneEntry, _magnitude_layout))
+SCHEMES.register("dense")(Scheme(_encode_dense, lambda t, meta: t["value"].float().view(meta["shape"]), DenseEntry,
+                                 lambda e: {"value": ("F16", tuple(e.shape))}))
 
 
 def scheme_for(key: str, delta: Delta) -> str:
@@ -322,19 +420,6 @@ def scheme_for(key: str, delta: Delta) -> str:
 
 def _shape(delta: Delta) -> tuple[int, ...]:
     return tuple(delta.shape)
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _manifest_hash(manifest: dict) -> str:
-    body = {k: v for k, v in manifest.items() if k != "content_hash"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass
@@ -373,43 +458,95 @@ class SkillPack:
     def name(self) -> str:
         return self.manifest["skill"]
 
-    def save(self, folder: str | Path) -> Path:
-        """Write the pack to `folder` atomically (temporary folder, then rename)."""
-        with atomic_dir(folder) as tmp:
+    @property
+    def digest(self) -> str:
+        """SHA-256 of what the pack holds (its manifest without file checksums, and every stored tensor): the
+        same for a pack in memory and for it saved and loaded again, different for any other pack."""
+        body = {k: v for k, v in self.manifest.items() if k not in ("checksums", "content_hash")}
+        body["stored_sha256"] = {n: tensor_digest(t) for n, t in sorted(self.tensors.items())}
+        return manifest_hash(body)
+
+    def save(self, folder: str | Path, overwrite: bool = False, inputs: Iterable[str | Path] = (),
+             sign_with: str | Path | None = None) -> Path:
+        """Write the pack to `folder` atomically (`graft.atomic.atomic_dir`: `inputs` are never replaced),
+        signed with the private key file `sign_with` when given (`graft.signing`)."""
+        with atomic_dir(folder, overwrite=overwrite, inputs=inputs, kind="skillpack") as tmp:
             self.write_into(tmp)
+            if sign_with is not None:
+                sign_folder(tmp, sign_with)
         self.folder = Path(folder)
         return self.folder
 
     def write_into(self, folder: Path) -> None:
         """Write pack.safetensors and skillpack.json into an existing folder (caller owns atomicity)."""
-        save_file(self.tensors, str(folder / "pack.safetensors"), metadata={"format": FORMAT})
+        save_file(self.tensors, str(folder / PAYLOAD), metadata={"format": FORMAT})
         manifest = dict(self.manifest)
-        manifest["checksums"] = {"pack.safetensors": _sha256_file(folder / "pack.safetensors")}
-        manifest["content_hash"] = _manifest_hash(manifest)
-        (folder / "skillpack.json").write_text(json.dumps(manifest, indent=1))
+        manifest["checksums"] = payload_checksums(folder, NOT_PAYLOAD)
+        manifest["content_hash"] = manifest_hash(manifest)
+        validate(manifest, SkillPackManifest, str(folder / MANIFEST))  # never write what load would refuse
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
         self.manifest = manifest
 
     @classmethod
     def load(cls, folder: str | Path) -> "SkillPack":
+        """Read a pack folder, refusing (SkillPackError naming the file and field) anything it cannot vouch for."""
         folder = Path(folder)
-        mpath = folder / "skillpack.json"
-        manifest = read_manifest(mpath, FORMAT, FORMAT_VERSION, "SkillPack")
-        if manifest.get("content_hash") != _manifest_hash(manifest):
-            raise SkillPackError(f"{mpath}: manifest content hash mismatch (the manifest was modified)")
-        for name, digest in manifest["checksums"].items():
-            if _sha256_file(folder / name) != digest:
-                raise SkillPackError(f"{folder / name}: checksum mismatch (the pack was modified or is corrupt)")
-        return cls(manifest, load_file(str(folder / "pack.safetensors")), folder)
+        manifest = read_pack_manifest(folder)
+        return cls(manifest, _load_payload(folder, manifest), folder)
 
 
-def read_manifest(path: Path, fmt: str, version: int, what: str) -> dict:
-    """A folder's JSON manifest, refused (SkillPackError naming the file) if absent or of another format or newer version."""
-    if not path.is_file():
-        raise SkillPackError(f"{path.parent}: no {path.name} (not a {what} folder)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != fmt or manifest.get("format_version", 0) > version:
-        raise SkillPackError(f"{path}: unsupported format {manifest.get('format')!r} v{manifest.get('format_version')}")
+def read_pack_manifest(folder: Path) -> dict:
+    """The manifest of a pack folder, checked by schema, content hash, checksums and per-scheme entries."""
+    mpath = folder / MANIFEST
+    try:
+        model = parse_json(mpath, SkillPackManifest, "SkillPack")
+    except ArtifactError as e:
+        raise SkillPackError(str(e)) from None
+    manifest = json.loads(mpath.read_bytes())
+    if model.content_hash != manifest_hash(manifest):
+        raise SkillPackError(f"{mpath}: content_hash: does not match the manifest (the manifest was modified)")
+    for key, entry in manifest["tensors"].items():
+        if entry.get("scheme") not in SCHEMES:
+            raise SkillPackError(f"{mpath}: tensors.{key}.scheme: unknown compression scheme {entry.get('scheme')!r}; "
+                                 f"known: {', '.join(SCHEMES.names())}")
+        try:
+            validate(entry, SCHEMES.get(entry["scheme"]).entry, f"{mpath}: tensors.{key}")
+        except ArtifactError as e:
+            raise SkillPackError(str(e)) from None
+    try:
+        verify_payload(folder, model.checksums, NOT_PAYLOAD, mpath)
+    except ArtifactError as e:
+        raise SkillPackError(str(e)) from None
     return manifest
+
+
+def _load_payload(folder: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    """pack.safetensors, after checking it holds exactly the tensors the entries imply, with their dtypes and shapes."""
+    path = folder / PAYLOAD
+    try:
+        entries, _ = read_header(path)
+    except (OSError, SafetensorsError) as e:
+        raise SkillPackError(f"{path}: not a readable safetensors file ({e})") from None
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, entry in manifest["tensors"].items():
+        scheme = SCHEMES.get(entry["scheme"])
+        layout = scheme.layout(scheme.entry.model_validate(entry))
+        if sorted(entry["stored"]) != sorted(f"{key}::{n}" for n in layout):
+            raise SkillPackError(f"{folder / MANIFEST}: tensors.{key}.stored: expected {sorted(layout)} for its scheme")
+        expected.update({f"{key}::{n}": spec for n, spec in layout.items()})
+    for name in sorted(set(entries) | set(expected)):
+        if name not in expected:
+            raise SkillPackError(f"{path}: tensor {name!r} belongs to no manifest entry")
+        if name not in entries:
+            raise SkillPackError(f"{path}: tensor {name!r} is missing")
+        got = (NAMES[entries[name].dtype], tuple(entries[name].shape))
+        if got != expected[name]:
+            raise SkillPackError(f"{path}: tensor {name!r} is {got[0]} {list(got[1])}, its entry implies "
+                                 f"{expected[name][0]} {list(expected[name][1])}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors' own error type, for a file its reader refuses
+        raise SkillPackError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def _nbytes(local: dict[str, torch.Tensor]) -> int:
@@ -459,6 +596,10 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
     `importance` (the skill's per-entry scores, `graft.importance`, keyed like `deltas`) feeds
     importance-aware rank allocation (`settings.allocation`).
     """
+    try:
+        safe_name(skill)
+    except ValueError as e:
+        raise SkillPackError(f"skill name: {e}") from None
     uses_moments = settings.needs_calibration
     if uses_moments and not calibration:
         raise SkillPackError(f"quantizer {settings.quantizer!r}{' with weighted_svd' if settings.weighted_svd else ''} "

@@ -1,22 +1,37 @@
 """Content keys for stage outputs: the same inputs and spec give the same key, so a rerun skips.
 
 A stage's output folder is `<run root>/<stage>/<item>-<key>`; it is written under a temporary
-name and renamed when complete, so an existing folder is a complete one.
+name and renamed when complete (`graft.atomic`), with a marker holding its key and metrics.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-MARKER = "_graftline.json"
+
+@dataclasses.dataclass(frozen=True)
+class Ref:
+    """An input of a request: where it is (`path`) and what it is (`key`, its content key or digest).
+
+    A request's content key hashes a Ref by its `key` only, so the same input found at another path
+    (a moved run root, a copied file) gives the same key, and a changed input never does.
+    """
+
+    path: str
+    key: str
 
 
 def content_key(*parts: Any) -> str:
-    """A short stable hash of JSON-able parts (paths and pydantic models included)."""
+    """A short stable hash of JSON-able parts (paths, dataclasses and pydantic models included; a `Ref` by its key)."""
     def default(o: Any) -> Any:
+        if isinstance(o, Ref):
+            return {"ref": o.key}
+        if dataclasses.is_dataclass(o) and not isinstance(o, type):
+            return {"type": type(o).__name__, **{f.name: getattr(o, f.name) for f in dataclasses.fields(o)}}
         if hasattr(o, "model_dump"):
             return o.model_dump(mode="json")
         return str(o)
@@ -45,12 +60,3 @@ def folder_identity(path: str | Path) -> str:
         else:
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
-
-
-def read_marker(folder: Path) -> dict:
-    path = folder / MARKER
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def write_marker(folder: Path, info: dict) -> None:
-    (folder / MARKER).write_text(json.dumps(info, indent=1, default=str))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,32 @@ SUBCOMMAND_MODULES = ("pipelines.cli_submit", "pipelines.cli_sweep", "pipelines.
 def _fail(message: str, code: int) -> int:
     print(f"graft: error: {message}", file=sys.stderr)
     return code
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: a refusal (ValueError, graftline's own included) by its message, others prefixed by their type."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    first = text.strip().splitlines()[0] if text.strip() else "failed"
+    return first if isinstance(e, ValueError) else f"{type(e).__name__}: {first}"
+
+
+def input_errors() -> tuple[type[BaseException], ...]:
+    """What bad input raises while graftline loads and checks it: each is refused with one line and exit 2.
+
+    ValueError covers graftline's own refusals (artifacts, checkpoints, outputs, specs); the rest come
+    from reading files (OSError, safetensors' SafetensorError, KeyError) or from torch/transformers
+    refusing what they were handed (RuntimeError).
+    """
+    from safetensors import SafetensorError
+
+    return ValueError, KeyError, OSError, RuntimeError, SafetensorError
+
+
+def digest_cache():
+    """The tensor-digest cache of this user (`$XDG_CACHE_HOME/graftline/digests`, default ~/.cache)."""
+    from graft.fingerprint import DigestCache
+
+    return DigestCache(Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "graftline" / "digests")
 
 
 def load_spec_or_report(path: str):
@@ -52,8 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as e:  # one line for the user; the full error is in the FAILED MLflow run
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return _fail(f"{type(e).__name__}: {first}", EXIT_FAILED)
+        if args.debug:
+            raise
+        return _fail(one_line(e), EXIT_FAILED)
     return 0
 
 
@@ -73,8 +101,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return subprocess.call(cmd)
 
 
+def _show_graftline_notes() -> None:
+    """graftline's own notes (logger `graftline`, e.g. a swept leftover) on stderr; other libraries' logging untouched."""
+    log = logging.getLogger("graftline")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("graft: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="graftline: train, score, pack and graft skills between LLMs")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a job spec end to end")
@@ -101,8 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one `graft` command: bad input is one line on stderr and exit 2, a failure one line and exit 1."""
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    _show_graftline_notes()
+    try:
+        return args.fn(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as e:
+        if args.debug:
+            raise
+        if isinstance(e, input_errors()):
+            return _fail(one_line(e), EXIT_SPEC)
+        return _fail(f"{one_line(e)} (graft --debug {args.command} ... shows where)", EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -45,13 +45,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     _return_freed_memory()
 
+    from graft.atomic import check_output
+
     try:
         plan = plan_merge(load_merge_config(args.config))
-    except ValueError as e:  # MergeConfigError, CheckpointError, tensor name/shape mismatch
+        cfg = plan.config
+        check_output(args.out, overwrite=args.overwrite, inputs=[args.config, *(m.path for m in cfg.models),
+                                                                  *(p for p in (cfg.base_model, cfg.tokenizer_source) if p)])
+    except ValueError as e:  # MergeConfigError, CheckpointError, OutputError, tensor name/shape mismatch
         return _fail(str(e), EXIT_INPUT)
     start = time.perf_counter()
     try:
-        out = execute_plan(plan, args.out, seed=args.random_seed, max_shard_bytes=args.shard_mb * 1024**2)
+        out = execute_plan(plan, args.out, seed=args.random_seed, max_shard_bytes=args.shard_mb * 1024**2, overwrite=args.overwrite)
     except ValueError as e:
         return _fail(str(e), EXIT_FAILED)
     except KeyboardInterrupt:
@@ -65,7 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `merge` subcommand to the `graft` CLI."""
     m = subparsers.add_parser("merge", help="merge models from a mergekit-style YAML (linear, ties, dare_*, slerp, ...)")
     m.add_argument("config", help="merge YAML: merge_method, base_model, models: [{model, parameters}], parameters, dtype")
-    m.add_argument("out", help="output HF folder (written atomically; replaced if it exists)")
+    m.add_argument("out", help="output HF folder (written atomically; refused if it exists, unless --overwrite)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if it is a folder graftline wrote (never a folder it did not write, nor an input)")
     m.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (dare_*); default 0")
     m.add_argument("--shard-mb", type=int, default=128, help="output shard size in MiB (default 128)")
     m.set_defaults(fn=cmd_merge)

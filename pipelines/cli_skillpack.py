@@ -1,4 +1,9 @@
-"""`graft pack`, `graft inspect`, `graft apply`, `graft remove`: SkillPacks from the command line."""
+"""`graft pack | score | inspect | apply | route | remove | merge-adapters | keygen | verify`: SkillPacks from the command line.
+
+Errors are not caught here: `pipelines.cli.main` turns every refusal into one line and exit 2.
+Every command that writes takes `--out`, refuses an existing one unless `--overwrite` (and then only a
+folder graftline wrote), and never writes over one of its own inputs (`graft.atomic`).
+"""
 
 from __future__ import annotations
 
@@ -6,38 +11,54 @@ import argparse
 import sys
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from pipelines.cli import digest_cache
 
 
-def _refuse(e: Exception) -> int:
-    print(f"graft: error: {e}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+def _inputs(*paths: str | None) -> list[str]:
+    return [p for p in paths if p]
+
+
+def _check_out(args: argparse.Namespace, *inputs: str | None) -> None:
+    """Refuse `--out` before any work is done (the atomic write checks again when it commits)."""
+    from graft.atomic import check_output
+
+    check_output(args.out, overwrite=args.overwrite, inputs=_inputs(*inputs))
+
+
+def _load_packs(folders: list[str], verify_key: str | None) -> list:
+    from graft.signing import verify_folder
+    from graft.skillpack import SkillPack
+
+    packs = []
+    for folder in folders:
+        if verify_key:
+            verify_folder(folder, verify_key)
+        packs.append(SkillPack.load(folder))
+    return packs
 
 
 def cmd_pack(args: argparse.Namespace) -> int:
-    from graft.checkpoint import CheckpointError
     from graft.expert_packing import pack_expert
     from graft.importance import load_scores
     from graft.lora import read_lora_deltas
-    from graft.skillpack import PackSettings, SkillPackError
+    from graft.skillpack import PackSettings
 
-    try:
-        deltas = read_lora_deltas(args.adapter)
-        settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions),
-                                budget=args.budget, quantizer=args.quantizer, weighted_svd=args.weighted_svd, allocation=args.allocation)
-        if (settings.needs_calibration or args.tune_steps) and not args.calibration_data:
-            raise ValueError(f"--quantizer {args.quantizer}{' --weighted-svd' if args.weighted_svd else ''}"
-                             f"{f' --tune-steps {args.tune_steps}' if args.tune_steps else ''}: needs --calibration-data")
-        batches = None
-        if args.calibration_data:
-            batches = _labelled_batches(args.tokenizer or args.base, args.calibration_data, args.calibration_examples, args.max_length, 32)
-        source = {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())}
-        pack = pack_expert(args.skill or Path(args.adapter).name, args.base, args.adapter, deltas, settings, calibration_batches=batches,
-                           importance=load_scores(args.importance) if args.importance else None, source=source,
-                           tune_steps=args.tune_steps, tune_lr=args.tune_lr)
-        pack.save(args.out)
-    except (CheckpointError, SkillPackError, ValueError, KeyError, OSError) as e:
-        return _refuse(e)
+    inputs = (args.adapter, args.base, args.importance, args.calibration_data, args.tokenizer)
+    _check_out(args, *inputs)
+    deltas = read_lora_deltas(args.adapter)
+    settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions),
+                            budget=args.budget, quantizer=args.quantizer, weighted_svd=args.weighted_svd, allocation=args.allocation)
+    if (settings.needs_calibration or args.tune_steps) and not args.calibration_data:
+        raise ValueError(f"--quantizer {args.quantizer}{' --weighted-svd' if args.weighted_svd else ''}"
+                         f"{f' --tune-steps {args.tune_steps}' if args.tune_steps else ''}: needs --calibration-data")
+    batches = None
+    if args.calibration_data:
+        batches = _labelled_batches(args.tokenizer or args.base, args.calibration_data, args.calibration_examples, args.max_length, 32)
+    source = {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())}
+    pack = pack_expert(args.skill or Path(args.adapter).name, args.base, args.adapter, deltas, settings, calibration_batches=batches,
+                       importance=load_scores(args.importance) if args.importance else None, source=source,
+                       tune_steps=args.tune_steps, tune_lr=args.tune_lr)
+    pack.save(args.out, overwrite=args.overwrite, inputs=_inputs(*inputs), sign_with=args.sign)
     m = pack.manifest
     print(f"{args.out}: {len(m['tensors'])} tensors, {m['total_bytes']} bytes "
           f"({m['total_bytes'] / m['delta_bf16_bytes']:.3f} of the bf16 delta)")
@@ -58,34 +79,34 @@ def cmd_score(args: argparse.Namespace) -> int:
     import json
 
     from graft.atomic import atomic_dir
-    from graft.checkpoint import CheckpointError
     from graft.importance import SCORES, module_summary, save_scores
     from graft.lora import load_with_adapter
 
-    try:
-        score = SCORES.get(args.method)
-        batches = _labelled_batches(args.tokenizer or args.base, args.data, args.examples, args.max_length, args.batch_size)
-        partial = score(load_with_adapter(args.base, args.adapter), batches)
-        scores = partial.finalize()
-        summary = module_summary(scores)
-        with atomic_dir(args.out) as tmp:
-            save_scores(scores, tmp / "scores.safetensors", args.method, partial.count)
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
-    except (CheckpointError, ValueError, KeyError, OSError) as e:
-        return _refuse(e)
+    inputs = _inputs(args.adapter, args.base, args.data, args.tokenizer)
+    _check_out(args, *inputs)
+    score = SCORES.get(args.method)
+    model = load_with_adapter(args.base, args.adapter)
+    batches = _labelled_batches(args.tokenizer or args.base, args.data, args.examples, args.max_length, args.batch_size)
+    partial = score(model, batches)
+    scores = partial.finalize()
+    summary = module_summary(scores)
+    with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs, kind="scores") as tmp:
+        save_scores(scores, tmp / "scores.safetensors", args.method, partial.count)
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=1))
     top = ", ".join(f"{k} {v['share']:.3f}" for k, v in list(summary.items())[:3])
     print(f"{args.out}/scores.safetensors: {args.method} over {partial.count} terms; largest shares: {top}")
     return 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from graft.skillpack import SkillPack, SkillPackError
+    from graft.routing import is_routed
+
+    if is_routed(args.pack):
+        return _inspect_routed(Path(args.pack))
+    from graft.skillpack import SkillPack
     from pipelines.report import format_table
 
-    try:
-        pack = SkillPack.load(args.pack)
-    except (SkillPackError, OSError, ValueError) as e:
-        return _refuse(e)
+    pack = SkillPack.load(args.pack)
     m = pack.manifest
     rows = []
     for key, e in m["tensors"].items():
@@ -103,16 +124,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _graft(args: argparse.Namespace, sign: float, allow_drift: bool) -> int:
-    from graft.checkpoint import CheckpointError
-    from graft.grafting import graft
-    from graft.skillpack import SkillPack, SkillPackError
+def _inspect_routed(folder: Path) -> int:
+    """A routed folder, checked as a load would check it (schema, hash, checksums, packs, base fingerprint)."""
+    from graft.checkpoint import CheckpointReader
+    from graft.fingerprint import compare
+    from graft.routing import read_routed_manifest
+    from graft.skillpack import SkillPack
 
-    try:
-        packs = [SkillPack.load(p) for p in args.packs]
-        report = graft(args.model, packs, args.out, scales=[sign * args.scale] * len(packs), allow_base_drift=allow_drift)
-    except (CheckpointError, SkillPackError, ValueError, OSError) as e:
-        return _refuse(e)
+    meta = read_routed_manifest(folder)
+    packs = [SkillPack.load(folder / "packs" / name) for name in meta.packs]
+    problems, drifted = compare(meta.base_fingerprint.model_dump(), CheckpointReader(meta.base), digest_cache())
+    state = problems[0] if problems else (f"drifted (tensor {drifted[0]!r} changed)" if drifted else "unchanged")
+    print(f"routed model over {', '.join(p.name for p in packs)}; router classes {meta.router.classes} "
+          f"(layer {meta.router.layer}, {'hard' if meta.router.hard else 'soft'}); base {meta.base}: {state}")
+    for pack in packs:
+        print(f"  {pack.name}: {len(pack.keys())} tensors, {pack.manifest['total_bytes']} bytes")
+    return 0
+
+
+def _graft(args: argparse.Namespace, sign: float, allow_drift: bool) -> int:
+    from graft.grafting import graft
+
+    _check_out(args, args.model, *args.packs)
+    packs = _load_packs(args.packs, getattr(args, "verify", None))
+    report = graft(args.model, packs, args.out, scales=[sign * args.scale] * len(packs), allow_base_drift=allow_drift,
+                   overwrite=args.overwrite, cache=digest_cache())
     drifted = [name for name, d in report["base_drift"].items() if d]
     if drifted and sign > 0:
         print(f"warning: base drift for {', '.join(drifted)} (applied anyway, as asked)", file=sys.stderr)
@@ -124,38 +160,34 @@ def cmd_route(args: argparse.Namespace) -> int:
     """Build a routed model (graft.routing) over packs from example prompts per skill, and save it."""
     import random
 
-    from graft.checkpoint import CheckpointError
     from graft.data import read_jsonl
     from graft.routing import NONE, build_routed, prompt_features
-    from graft.skillpack import SkillPack, SkillPackError
 
-    try:
-        packs = [SkillPack.load(p) for p in args.packs]
-        files = dict(_name_and_path(item) for item in args.prompts)
-        needed = [p.name for p in packs] + [NONE]
-        missing, extra = [n for n in needed if n not in files], [n for n in files if n not in needed]
-        if missing or extra:
-            raise ValueError(f"--prompts needs exactly one file for each pack's skill and for {NONE!r}: "
-                             f"missing {missing}, not a pack {extra}")
-        rng = random.Random(args.seed)
-        train, held = {}, {}
-        for name in needed:
-            prompts = [r["prompt"] for r in read_jsonl(files[name])]
-            rng.shuffle(prompts)
-            prompts = prompts[: args.examples]
-            cut = len(prompts) - (len(prompts) // 5 if len(prompts) >= 5 else 0)
-            train[name], held[name] = prompts[:cut], prompts[cut:]
-        routed = build_routed(args.model, packs, train, hard=not args.soft, allow_base_drift=args.allow_base_drift,
-                              seed=args.seed, tokenizer=args.tokenizer)
-        tok = _left_padded_tokenizer(args.tokenizer or args.model)
-        for name, prompts in held.items():
-            if prompts:
-                picked = routed.router.logits(prompt_features(routed, tok, prompts, routed.router.layer)).argmax(-1)
-                right = sum(routed.router.classes[i] == name for i in picked.tolist())
-                print(f"  router on held-out {name!r} prompts: {right}/{len(prompts)} sent to {name!r}")
-        routed.save(args.out)
-    except (CheckpointError, SkillPackError, ValueError, OSError) as e:
-        return _refuse(e)
+    files = dict(_name_and_path(item) for item in args.prompts)
+    _check_out(args, args.model, args.tokenizer, *args.packs, *files.values())
+    packs = _load_packs(args.packs, args.verify)
+    needed = [p.name for p in packs] + [NONE]
+    missing, extra = [n for n in needed if n not in files], [n for n in files if n not in needed]
+    if missing or extra:
+        raise ValueError(f"--prompts needs exactly one file for each pack's skill and for {NONE!r}: "
+                         f"missing {missing}, not a pack {extra}")
+    rng = random.Random(args.seed)
+    train, held = {}, {}
+    for name in needed:
+        prompts = [r["prompt"] for r in read_jsonl(files[name])]
+        rng.shuffle(prompts)
+        prompts = prompts[: args.examples]
+        cut = len(prompts) - (len(prompts) // 5 if len(prompts) >= 5 else 0)
+        train[name], held[name] = prompts[:cut], prompts[cut:]
+    routed = build_routed(args.model, packs, train, hard=not args.soft, allow_base_drift=args.allow_base_drift,
+                          seed=args.seed, tokenizer=args.tokenizer, digest_cache=digest_cache())
+    tok = _left_padded_tokenizer(args.tokenizer or args.model)
+    for name, prompts in held.items():
+        if prompts:
+            picked = routed.router.logits(prompt_features(routed, tok, prompts, routed.router.layer)).argmax(-1)
+            right = sum(routed.router.classes[i] == name for i in picked.tolist())
+            print(f"  router on held-out {name!r} prompts: {right}/{len(prompts)} sent to {name!r}")
+    routed.save(args.out, overwrite=args.overwrite, sign_with=args.sign)
     print(f"{args.out}: routed model over {', '.join(p.name for p in packs)} (load with graft.routing.RoutedModel.load)")
     return 0
 
@@ -177,21 +209,63 @@ def _left_padded_tokenizer(folder: str):
 
 def cmd_merge_adapters(args: argparse.Namespace) -> int:
     from graft.adapter_merge import merge_adapters
-    from graft.checkpoint import CheckpointError
 
-    try:
-        report = merge_adapters(args.adapters, args.out, method=args.method, weights=args.weights, density=args.density,
-                                rank=args.rank, seed=args.seed)
-    except (CheckpointError, KeyError, ValueError, OSError) as e:
-        return _refuse(e)
+    _check_out(args, *args.adapters)
+    report = merge_adapters(args.adapters, args.out, method=args.method, weights=args.weights, density=args.density,
+                            rank=args.rank, seed=args.seed, overwrite=args.overwrite)
     print(f"{args.out}: one LoRA adapter, rank {report['rank']}, {report['tensors']} modules ({args.method})")
     return 0
 
 
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from graft.signing import generate_keypair
+
+    private, public = Path(args.out) / f"{args.name}.key", Path(args.out) / f"{args.name}.pub"
+    generate_keypair(private, public)
+    print(f"{private}: private key (keep it secret; `graft pack --sign {private}`)\n"
+          f"{public}: public key (hand it out; `graft apply --verify {public}`)")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Signature first (who made it), then the folder's own schema and checksums (that it is whole)."""
+    from graft.routing import is_routed, read_routed_manifest
+    from graft.signing import verify_folder
+    from graft.skillpack import SkillPack
+
+    folder = Path(args.folder)
+    verify_folder(folder, args.key)
+    if is_routed(folder):
+        for name in read_routed_manifest(folder).packs:
+            SkillPack.load(folder / "packs" / name)
+        what = "routed model"
+    else:
+        SkillPack.load(folder)
+        what = "SkillPack"
+    print(f"{folder}: {what} signed by the owner of {args.key}; every file checks")
+    return 0
+
+
+def _writes(parser: argparse.ArgumentParser, help_out: str) -> None:
+    parser.add_argument("--out", required=True, help=help_out + " (refused if it exists, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it is a folder graftline wrote (never a folder it did not write, nor an input)")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    kg = sub.add_parser("keygen", help="make a key pair for signing SkillPacks and routed models (PEM, P-256)")
+    kg.add_argument("--out", default=".", help="folder for NAME.key and NAME.pub (default: here)")
+    kg.add_argument("--name", default="graftline", help="file name stem (default: graftline)")
+    kg.set_defaults(fn=cmd_keygen)
+
+    vf = sub.add_parser("verify", help="check a signed SkillPack or routed-model folder against a public key")
+    vf.add_argument("folder")
+    vf.add_argument("--key", required=True, help="public key (PEM) of the signer")
+    vf.set_defaults(fn=cmd_verify)
+
     m = sub.add_parser("merge-adapters", help="merge several LoRA adapters into one adapter (base untouched)")
     m.add_argument("adapters", nargs="+", help="PEFT LoRA adapter folders")
-    m.add_argument("--out", required=True)
+    _writes(m, "the merged adapter folder")
     m.add_argument("--method", default="ties", help="linear, task_arithmetic, ties, dare_linear, dare_ties, magnitude_prune")
     m.add_argument("--weights", type=float, nargs="+", help="one per adapter (default 1.0 each)")
     m.add_argument("--density", type=float, default=1.0)
@@ -202,7 +276,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pack", help="pack a LoRA adapter into a SkillPack")
     p.add_argument("adapter", help="PEFT LoRA adapter folder")
     p.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
-    p.add_argument("--out", required=True)
+    _writes(p, "the SkillPack folder")
+    p.add_argument("--sign", metavar="KEY", help="sign the pack with this private key (PEM; `graft keygen` makes one)")
     p.add_argument("--skill", help="skill name (default: the adapter folder's name)")
     p.add_argument("--energy", type=float, default=0.99, help="β: fraction of Σσ² the kept rank holds")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
@@ -227,7 +302,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("adapter", help="PEFT LoRA adapter folder")
     sc.add_argument("--base", required=True)
     sc.add_argument("--data", required=True, help="JSONL of prompt/answer rows")
-    sc.add_argument("--out", required=True, help="folder for scores.safetensors and summary.json")
+    _writes(sc, "folder for scores.safetensors and summary.json")
     sc.add_argument("--method", default="fisher", help="fisher, snip or magnitude")
     sc.add_argument("--examples", type=int, default=256)
     sc.add_argument("--batch-size", type=int, default=1, help="examples per gradient; 1 = per-example Fisher")
@@ -235,14 +310,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     sc.add_argument("--tokenizer", help="tokenizer folder (default: --base)")
     sc.set_defaults(fn=cmd_score)
 
-    i = sub.add_parser("inspect", help="table of a SkillPack's modules, schemes, ranks, bits and bytes")
-    i.add_argument("pack")
+    i = sub.add_parser("inspect", help="table of a SkillPack's modules, schemes, ranks, bits and bytes (or a routed model's packs)")
+    i.add_argument("pack", help="a SkillPack or routed-model folder")
     i.set_defaults(fn=cmd_inspect)
 
     a = sub.add_parser("apply", help="graft SkillPacks into a base and write a checkpoint")
     a.add_argument("model", help="base checkpoint folder")
     a.add_argument("packs", nargs="+")
-    a.add_argument("--out", required=True)
+    _writes(a, "the grafted checkpoint folder")
+    a.add_argument("--verify", metavar="PUBKEY", help="refuse packs not signed by this public key's owner")
     a.add_argument("--scale", type=float, default=1.0)
     a.add_argument("--allow-base-drift", action="store_true", help="apply to a base whose weights differ from the pack's")
     a.set_defaults(fn=lambda args: _graft(args, 1.0, args.allow_base_drift))
@@ -250,7 +326,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     rt = sub.add_parser("route", help="a routed model: packs applied on the fly, chosen per prompt by a small router")
     rt.add_argument("model", help="base checkpoint folder")
     rt.add_argument("packs", nargs="+")
-    rt.add_argument("--out", required=True)
+    _writes(rt, "the routed-model folder")
+    rt.add_argument("--verify", metavar="PUBKEY", help="refuse packs not signed by this public key's owner")
+    rt.add_argument("--sign", metavar="KEY", help="sign the routed-model folder with this private key (PEM)")
     rt.add_argument("--prompts", nargs="+", required=True, metavar="SKILL=FILE.jsonl",
                     help="example prompts (JSONL prompt/answer rows) for each pack's skill, and none=FILE for prompts "
                     "that stay on the base")
@@ -264,6 +342,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("remove", help="ungraft SkillPacks from a grafted checkpoint")
     r.add_argument("model", help="grafted checkpoint folder")
     r.add_argument("packs", nargs="+")
-    r.add_argument("--out", required=True)
+    _writes(r, "the checkpoint folder without the packs")
     r.add_argument("--scale", type=float, default=1.0, help="the scale the packs were grafted with")
     r.set_defaults(fn=lambda args: _graft(args, -1.0, True))

@@ -9,8 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from graft.atomic import atomic_dir
-from pipelines.cache import read_marker, write_marker
+from graft.atomic import OutputError, OutputMarker, atomic_dir, read_marker, write_marker
 from pipelines.spec import JobSpec
 from pipelines.tracking import RunHandle, Tracker
 
@@ -70,15 +69,20 @@ class RunContext:
                 run = stack.enter_context(self.tracker.run(name, parent=self.parent, tags={
                     "graftline.stage": stage, "graftline.item": it.name, "graftline.key": it.key}))
                 run.params(it.params)
-                if path.is_dir() and stage not in self.force and "all" not in self.force:
-                    metrics = read_marker(path).get("metrics", {})
+                forced = stage in self.force or "all" in self.force
+                if (path.exists() or path.is_symlink()) and not forced:
+                    marker = read_marker(path)
+                    if marker is None or marker.key != it.key or not path.is_dir():
+                        raise OutputError(f"{path}: exists but is not a complete output graftline wrote for this step; "
+                                          "move it away (it is never replaced)")
+                    metrics = marker.metrics
                     run.tags({"graftline.cached": "true", "graftline.output": str(path)})
                     run.metrics(metrics)
                     result.cached += 1
                     self._record(result, it, path, metrics)
                     self.log(f"  {name}: reusing {path}")
                 else:
-                    todo[it.name] = (stack.enter_context(atomic_dir(path)), run)
+                    todo[it.name] = (stack.enter_context(atomic_dir(path, overwrite=forced)), run)
             if todo:
                 t0 = time.time()
                 built = build(todo)
@@ -87,7 +91,7 @@ class RunContext:
                     if it.name in todo:
                         tmp, run = todo[it.name]
                         metrics = {**(built.get(it.name) or {}), "seconds": seconds}
-                        write_marker(tmp, {"stage": stage, "item": it.name, "key": it.key, "metrics": metrics})
+                        write_marker(tmp, OutputMarker(kind="stage", stage=stage, item=it.name, key=it.key, metrics=metrics))
                         run.tags({"graftline.cached": "false", "graftline.output": str(paths[it.name])})
                         run.metrics(metrics)
                         self._record(result, it, paths[it.name], metrics)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipelines.context import RunContext, StageResult
@@ -30,16 +31,13 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
     if unknown:
         raise JobError(f"--force: unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(STAGE_NAMES)}, all")
     root = (spec.output_dir / spec.name).resolve()
-    root.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(spec, env_tracking_uri)
-    tracker = Tracker(uri, spec.tracking.experiment, artifact_root=spec.output_dir / "mlartifacts")
     results: dict[str, StageResult] = {}
-    with tracker.run(spec.name, tags={"graftline.job_file": str(job_file), "graftline.root": str(root)}) as parent:
-        log(f"graftline: job {spec.name!r} → {root}   (MLflow {uri}, run {parent.run_id})")
-        parent.params(spec.model_dump(mode="json"))
-        parent.artifact(job_file, "job")
-        with ray_session(address) as resources:
-            require_cpus(spec, address, resources)
+    with job_session(spec, address, uri, root, log) as (resources, tracker):
+        with tracker.run(spec.name, tags={"graftline.job_file": str(job_file), "graftline.root": str(root)}) as parent:
+            log(f"graftline: job {spec.name!r} → {root}   (MLflow {uri}, run {parent.run_id})")
+            parent.params(spec.model_dump(mode="json"))
+            parent.artifact(job_file, "job")
             parent.tags({"graftline.ray_cpus": resources.get("CPU", 0), "graftline.ray_gpus": resources.get("GPU", 0)})
             ctx = RunContext(spec, job_file, root, tracker, parent, force, results, log)
             for i, stage in enumerate(STAGES, 1):
@@ -49,14 +47,28 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
                 res.seconds = time.time() - t0
                 results[stage.NAME] = res
                 parent.metrics({f"stage_seconds.{stage.NAME}": res.seconds})
-        summary = summary_table(results)
-        parent.text(summary, "summary.txt")
-        log("\n" + summary)
-        if "evaluate" in results:
-            from pipelines.report import accuracy_table
+            summary = summary_table(results)
+            parent.text(summary, "summary.txt")
+            log("\n" + summary)
+            if "evaluate" in results:
+                from pipelines.report import accuracy_table
 
-            log("\n" + accuracy_table(results["evaluate"].info["table"]))
+                log("\n" + accuracy_table(results["evaluate"].info["table"]))
     return results
+
+
+@contextmanager
+def job_session(spec: JobSpec, address: str | None, uri: str, folder: Path,
+                log: Callable[[str], None]) -> Iterator[tuple[dict, Tracker]]:
+    """Ray connected and the job checked against its resources; only then `folder` and the MLflow tracker
+    are made, and this job's runs left RUNNING by a process that is gone are marked KILLED."""
+    with ray_session(address) as resources:
+        require_cpus(spec, address, resources)
+        folder.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(uri, spec.tracking.experiment, artifact_root=spec.output_dir / "mlartifacts", job=spec.name)
+        for run_id in tracker.close_stale_runs():
+            log(f"graftline: marked run {run_id} KILLED: it was left RUNNING by a process that is gone")
+        yield resources, tracker
 
 
 def require_cpus(spec: JobSpec, address: str | None, resources: dict) -> None:

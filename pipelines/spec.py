@@ -22,10 +22,13 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from graft.artifacts import safe_name
+from graft.checkpoint import CheckpointError, weight_files
 from graft.fusion import FUSIONS
 from graft.importance import SCORES
 from graft.quantize import QUANTIZERS, VALID_BITS
 from graft.skillpack import RANK_VALUES, PackSettings
+from graft.strict_yaml import load_yaml
 from graft.testbed.skills import SKILLS
 from pipelines.sweep_metrics import metric_problem
 
@@ -38,8 +41,32 @@ class SpecError(ValueError):
         self.lines = lines
 
 
+MAX_NUMBER = 1e12  # no count, size or rate in a job is larger; `steps: 1e30` is a typo, not a plan
+
+
+def _sane_numbers(values: Any, where: str = "") -> None:
+    if isinstance(values, bool):
+        return
+    if isinstance(values, (int, float)) and abs(values) > MAX_NUMBER:
+        raise ValueError(f"{where or 'value'} {values!r} is beyond any sane setting (|x| ≤ {MAX_NUMBER:g})")
+    if isinstance(values, (list, tuple)):
+        for v in values:
+            _sane_numbers(v, where)
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """A spec section: unknown keys refused, frozen, numbers finite (no .inf/.nan) and within sane bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "Strict":
+        for name in type(self).model_fields:
+            _sane_numbers(getattr(self, name), name)
+        return self
+
+
+SafeName = Annotated[str, AfterValidator(safe_name)]
 
 
 class TrackingSpec(Strict):
@@ -64,14 +91,15 @@ class TestbedSpec(Strict):
     pretrain_steps: int = Field(900, gt=0)
     pretrain_lr: float = Field(5e-3, gt=0)
     batch_size: int = Field(32, gt=0, description="per worker")
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="train.deepspeed applies to the testbed too: its "
+                                            "zero_optimization.stage, when set, is the stage that runs")
     num_workers: int = Field(2, gt=0)
     train_examples: int = Field(4000, gt=0, description="training examples written per skill")
     eval_examples: int = Field(200, gt=0, description="held-out examples written per skill")
 
 
 class SkillSpec(Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName = Field(description="names output folders and the router's classes: letters, digits, _ - ., not 'none'")
     train: Path | None = Field(None, description="JSONL with prompt/answer; default: the testbed skill `name`")
     eval: Path | None = Field(None, description="held-out JSONL; default: the testbed skill `name`")
 
@@ -96,7 +124,8 @@ class TrainSpec(Strict):
 
     method: Literal["lora"] = "lora"
     lora: LoraSpec = LoraSpec()
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="a `deepspeed` override's zero_optimization.stage, when set, "
+                                            "is the stage that runs (and what MLflow records as deepspeed.zero_stage)")
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: int = Field(1, gt=0)
     accelerator: Literal["cpu", "cuda"] = "cpu"
@@ -112,6 +141,10 @@ class TrainSpec(Strict):
     deepspeed: dict[str, Any] = Field(default_factory=dict, description="merged over the generated DeepSpeed config; "
                                       "or the path of a JSON/YAML file holding it, e.g. cluster/deepspeed/zero3-bf16.json")
     seed: int = 0
+    checkpoint_every: int = Field(100, gt=0, le=1_000_000, description="steps between training checkpoints in Ray Train "
+                                  "storage, from which a failed worker group resumes (the testbed's trainings too)")
+    max_failures: int = Field(2, ge=0, le=100, description="worker-group failures (a killed worker, a lost node) a training "
+                              "run recovers from, each time from its last checkpoint, before the stage fails")
 
     @field_validator("deepspeed", mode="before")
     @classmethod
@@ -120,7 +153,7 @@ class TrainSpec(Strict):
         if not isinstance(v, str):
             return v
         try:
-            data = yaml.safe_load(Path(v).expanduser().read_text())  # JSON is YAML too
+            data = load_yaml(Path(v).expanduser().read_text())  # JSON is YAML too; a repeated key is refused
         except OSError as e:
             raise ValueError(f"cannot read DeepSpeed config file {v!r} ({e.strerror})") from None
         except yaml.YAMLError as e:
@@ -128,6 +161,16 @@ class TrainSpec(Strict):
         if not isinstance(data, dict):
             raise ValueError(f"DeepSpeed config file {v!r} must hold a mapping")  # noqa: TRY004 - pydantic reports ValueError
         return data
+
+    @field_validator("deepspeed")
+    @classmethod
+    def _deepspeed_mergeable(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from pipelines.training.deepspeed_config import override_problem
+
+        problem = override_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class ScoreSpec(Strict):
@@ -158,6 +201,7 @@ class PackSpec(Strict):
     min_importance_share: float = Field(0.0, ge=0, lt=1, description="leave out tensors with less of the skill's importance mass")
     calibration_examples: int = Field(256, gt=0, description="skill training examples calibration runs on (plus the "
                                       "train.replay_fraction share of replay data, the mix the expert was trained on)")
+    sign_key: Path | None = Field(None, description="sign each SkillPack with this private key (PEM; `graft keygen` makes a pair)")
 
     @model_validator(mode="after")
     def _bands(self) -> "PackSpec":
@@ -188,6 +232,7 @@ class GraftSpec(Strict):
     protect_fraction: float = Field(0.2, ge=0, lt=1, description="'protected': share of each tensor shielded for earlier skills")
     router_examples: int = Field(400, gt=0, description="'routed': training prompts per skill (and for 'none') for the router")
     router_none: str = Field("general", description="'routed': prompts that must stay on the base — a testbed skill or a JSONL file")
+    require_signature: Path | None = Field(None, description="public key (PEM): graft only SkillPacks signed by its owner")
 
     @field_validator("router_none")
     @classmethod
@@ -341,7 +386,7 @@ def _sweep_fits_job(sweep: SweepSpec | None, info: ValidationInfo) -> SweepSpec 
 class JobSpec(Strict):
     """A whole graftline job: which base, which skills, and how each stage runs."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: SafeName = Field(description="the run's folder under output_dir: letters, digits, _ - .")
     seed: int = 0
     output_dir: Path = Path("runs")
     base: str = Field("testbed", description="'testbed', a local HF checkpoint folder, or a hub id")
@@ -417,6 +462,14 @@ def parse_job(data: Any, source: str) -> JobSpec:
     if spec.base != "testbed" and (spec.base.startswith((".", "/", "~")) or Path(spec.base).exists()):
         if not Path(spec.base).expanduser().is_dir():
             problems.append(f"{source}: base: no such checkpoint folder {spec.base!r}")
+        else:
+            try:
+                weight_files(Path(spec.base).expanduser())  # safetensors only: a folder of pickles is refused here
+            except CheckpointError as e:
+                problems.append(f"{source}: base: {e}")
+    for key, path in (("graft.require_signature", spec.graft.require_signature), ("pack.sign_key", spec.pack.sign_key)):
+        if path is not None and not path.expanduser().is_file():
+            problems.append(f"{source}: {key}: no such key file {str(path)!r}")
     if problems:
         raise SpecError(problems)
     return spec
@@ -430,7 +483,7 @@ def load_job(path: str | Path) -> JobSpec:
     except OSError as e:
         raise SpecError([f"{path}: cannot read job spec ({e.strerror})"]) from None
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""

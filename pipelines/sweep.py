@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.context import RunContext, StageResult
-from pipelines.driver import require_cpus, resolve_tracking_uri
-from pipelines.runtime import ray_session
+from pipelines.driver import job_session, resolve_tracking_uri
 from pipelines.spec import JobSpec, SpecError, parse_job
 from pipelines.stages import STAGES, testbed
 from pipelines.sweep_metrics import metric_needs, metric_value
@@ -125,7 +124,7 @@ def run_rung(setup: TrialSetup, params: dict[str, Any], skills: list[str], paren
     os.chdir(setup.cwd)
     spec = apply_params(setup.job, params, setup.source)
     spec = spec.model_copy(update={"skills": [s for s in spec.skills if s.name in skills]})
-    tracker = Tracker(setup.tracking_uri, setup.experiment)
+    tracker = Tracker(setup.tracking_uri, setup.experiment, job=setup.job["name"])
     ctx = RunContext(spec, Path(setup.job_file), Path(setup.root), tracker, RunHandle(tracker.client, parent_run_id),
                      frozenset(), {"testbed": setup.testbed}, lambda line: print(line, flush=True))
     for stage in STAGES:
@@ -141,7 +140,7 @@ def sweep_trial(config: dict[str, Any], setup: TrialSetup) -> None:
 
     params = {k: plain(v) for k, v in config.items()}
     apply_params(setup.job, params, setup.source)  # fail here, before any run is opened, on a bad value
-    tracker = Tracker(setup.tracking_uri, setup.experiment)
+    tracker = Tracker(setup.tracking_uri, setup.experiment, job=setup.job["name"])
     trial = tune.get_context().get_trial_name()
     rung_task = ray.remote(num_cpus=0)(run_rung).options(scheduling_strategy="DEFAULT")  # outside the trial's group
     with tracker.run(trial, parent=RunHandle(tracker.client, setup.sweep_run_id),
@@ -178,18 +177,15 @@ def run_sweep(spec: JobSpec, job_file: Path, *, address: str | None = None, env_
     sw = spec.sweep
     root = (spec.output_dir / spec.name).resolve()
     out = root / "sweep"
-    out.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(spec, env_tracking_uri)
-    tracker = Tracker(uri, spec.tracking.experiment, artifact_root=spec.output_dir / "mlartifacts")
     job = spec.model_dump(mode="json", exclude={"sweep"}, exclude_unset=False)
     rungs = rungs_of(spec)
-    with tracker.run(f"{spec.name}-sweep", tags={"graftline.job_file": str(job_file), "graftline.root": str(root),
-                                                 "graftline.sweep": "parent"}) as parent:
-        log(f"graftline: sweep of job {spec.name!r} → {out}   (MLflow {uri}, run {parent.run_id})")
-        parent.params(spec.model_dump(mode="json"))
-        parent.artifact(job_file, "job")
-        with ray_session(address) as resources:
-            require_cpus(spec, address, resources)
+    with job_session(spec, address, uri, out, log) as (resources, tracker):
+        with tracker.run(f"{spec.name}-sweep", tags={"graftline.job_file": str(job_file), "graftline.root": str(root),
+                                                     "graftline.sweep": "parent"}) as parent:
+            log(f"graftline: sweep of job {spec.name!r} → {out}   (MLflow {uri}, run {parent.run_id})")
+            parent.params(spec.model_dump(mode="json"))
+            parent.artifact(job_file, "job")
             concurrent = sw.max_concurrent or default_concurrency(spec, resources.get("CPU", 0))
             log("[1/2] testbed (once for every trial)")
             t0 = time.time()
@@ -202,10 +198,10 @@ def run_sweep(spec: JobSpec, job_file: Path, *, address: str | None = None, env_
                 f"{[len(r) for r in rungs]} skills, at most {concurrent} at once")
             results = _tune_fit(setup, spec, concurrent, out)
             parent.tags({"graftline.ray_cpus": resources.get("CPU", 0), "graftline.max_concurrent": concurrent})
-        rows = [_row(r, setup) for r in results]
-        _close_stopped(tracker, parent)
-        raw = yaml.safe_load(job_file.read_text())
-        best = report_sweep(rows, raw, spec, out, parent, log)
+            rows = [_row(r, setup) for r in results]
+            _close_stopped(tracker, parent)
+            raw = yaml.safe_load(job_file.read_text())
+            best = report_sweep(rows, raw, spec, out, parent, log)
     return best
 
 

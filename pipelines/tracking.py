@@ -2,12 +2,17 @@
 
 Uses `MlflowClient` against an explicit tracking URI (no process-wide MLflow state), so the same
 code logs to the local sqlite default, a tracking server, or any URI a job names.
+
+Every run carries the job's name and the process that opened it (host, pid, start time). A run
+left RUNNING by a process that no longer exists (a SIGKILLed driver) is marked KILLED the next time
+a job of the same name starts (`Tracker.close_stale_runs`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -20,6 +25,32 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 MAX_PARAM_CHARS = 6000
+JOB_TAG, OWNER_TAG = "graftline.job", "graftline.owner"
+
+
+def process_identity(pid: int | None = None) -> str:
+    """`host:pid:start-time` of a process (this one by default): a pid reused by a later process differs."""
+    import psutil
+
+    proc = psutil.Process(pid if pid is not None else os.getpid())
+    return f"{socket.gethostname()}:{proc.pid}:{proc.create_time():.3f}"
+
+
+def owner_gone(identity: str) -> bool:
+    """Whether the process named by `identity` (see `process_identity`) is known to be gone.
+
+    Only a process on this host can be checked; one elsewhere is never declared gone.
+    """
+    import psutil
+
+    host, _, rest = identity.partition(":")
+    pid, _, _ = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        return process_identity(int(pid)) != identity
+    except psutil.Error:
+        return True
 
 
 def default_tracking_uri(output_dir: Path) -> str:
@@ -74,8 +105,8 @@ class RunHandle:
 class Tracker:
     """Creates and closes the runs of one job in one MLflow experiment."""
 
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None) -> None:
-        self.uri = uri
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, job: str | None = None) -> None:
+        self.uri, self.job = uri, job
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
@@ -87,7 +118,7 @@ class Tracker:
     @contextmanager
     def run(self, name: str, parent: RunHandle | None = None, tags: Mapping[str, Any] | None = None) -> Iterator[RunHandle]:
         """A run that ends FINISHED, or FAILED with the error text when the block raises."""
-        all_tags = {"mlflow.runName": name, **(tags or {})}
+        all_tags = {"mlflow.runName": name, OWNER_TAG: process_identity(), **({JOB_TAG: self.job} if self.job else {}), **(tags or {})}
         if parent is not None:
             all_tags["mlflow.parentRunId"] = parent.run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()})
@@ -103,6 +134,19 @@ class Tracker:
                 self.client.set_terminated(handle.run_id, "FAILED" if not isinstance(e, KeyboardInterrupt) else "KILLED")
             raise
         self.client.set_terminated(handle.run_id, "FINISHED")
+
+    def close_stale_runs(self) -> list[str]:
+        """Mark KILLED this job's runs left RUNNING by a process that is gone; returns their ids."""
+        if not self.job:
+            return []
+        runs = self.client.search_runs([self.experiment_id], max_results=5000,
+                                       filter_string=f"tags.`{JOB_TAG}` = '{self.job}' and attributes.status = 'RUNNING'")
+        stale = [r for r in runs if owner_gone(r.data.tags.get(OWNER_TAG, ""))]
+        for r in stale:
+            message = f"the process that ran it ({r.data.tags.get(OWNER_TAG)}) is gone (killed or crashed)"
+            self.client.set_tag(r.info.run_id, "graftline.error", message)
+            self.client.set_terminated(r.info.run_id, "KILLED")
+        return [r.info.run_id for r in stale]
 
 
 def write_json_artifact(run: RunHandle, obj: Any, name: str) -> None:

@@ -64,3 +64,16 @@ def test_run_items_builds_only_missing_items_together(tmp_path):
     paths = ctx.run_items("testbed", [*items, Item("c", "3", {})], build, StageResult("testbed"))
     assert seen == [["a", "b"], ["c"]]
     assert (paths["c"] / "m").read_text() == "c"
+
+
+def test_a_folder_graftline_did_not_write_is_neither_reused_nor_replaced(tmp_path):
+    from graft.atomic import OutputError
+
+    squatter = tmp_path / "root" / "train" / "reverse-k1"
+    squatter.mkdir(parents=True)
+    (squatter / "mine.txt").write_text("keep")
+    for force in (frozenset(), frozenset({"train"})):
+        ctx = context(tmp_path, force)
+        with pytest.raises(OutputError, match="reverse-k1: (exists but is not a complete output|exists and was not written)"):
+            ctx.run_item("train", "reverse", "k1", {}, lambda tmp, run: {}, StageResult("train"))
+        assert sorted(p.name for p in squatter.iterdir()) == ["mine.txt"]

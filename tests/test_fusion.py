@@ -44,7 +44,9 @@ def test_routed_fusion_writes_a_folder_the_evaluate_stage_scores(base_model, tmp
     from graft.fusion import FusionSettings, fuse_into
     from graft.routing import RoutedModel, is_routed
     from graft.testbed.skills import generate
-    from pipelines.stages.evaluate import evaluate_model
+    from pipelines.cache import Ref
+    from pipelines.spec import EvaluateSpec
+    from pipelines.stages.evaluate import EvaluateRequest, evaluate_model
 
     reader = CheckpointReader(base_model)
     d = read_lora_deltas(make_adapter(base_model, tmp_path / "a", seed=3))
@@ -63,7 +65,10 @@ def test_routed_fusion_writes_a_folder_the_evaluate_stage_scores(base_model, tmp
     for s, rows in tests.items():
         write_jsonl(tmp_path / f"{s}.jsonl", rows)
         files[s] = str(tmp_path / f"{s}.jsonl")
-    acc = evaluate_model(str(out), None, str(base_model), files, None, 8, 16, False)
+    req = EvaluateRequest(models=(("grafted", Ref(str(out), "k"), None),), tokenizer=Ref(str(base_model), "t"),
+                          tests=tuple((s, Ref(f, s)) for s, f in files.items()), settings=EvaluateSpec(max_new_tokens=8, batch_size=16),
+                          trust_remote_code=False)
+    acc = evaluate_model(Ref(str(out), "k"), None, req, str(tmp_path / "digests"))
     assert set(acc) == {"reverse", "general"} and all(0.0 <= v <= 1.0 for v in acc.values())
     with pytest.raises(ValueError, match="needs example prompts"):
         fuse_into(base_model, [pack], [None], tmp_path, "routed", FusionSettings())

@@ -160,6 +160,7 @@ def tiny_job(tmp: Path, base: Path) -> dict:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # ~3 min on 2 cores (a whole pipeline over two Ray nodes): `make test-all`
 def test_submit_runs_a_job_across_both_nodes(cluster, tmp_path, base_model):
     from mlflow.tracking import MlflowClient
 

@@ -158,6 +158,7 @@ def test_cli_bad_sweep_spec_exits_2_and_runs_nothing(tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # 4-5 min on 2 cores (five Ray Train runs under Tune): `make test-all`
 def test_tiny_sweep_end_to_end(tmp_path):
     """2 trials (pack.energy 0.9 / 0.99), ASHA rungs over 2 skills, one at a time: the second reuses the adapters."""
     spec = {

@@ -22,6 +22,7 @@ import yaml
 from pydantic import ValidationError
 
 from graft.merge.base import MERGE_METHODS, BasePolicy, Param, Scope, spec_of
+from graft.strict_yaml import load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a mergekit-style merge YAML file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as e:
         raise MergeConfigError(f"{path}: cannot read: {e.strerror or e}") from None
     except yaml.YAMLError as e:

@@ -271,14 +271,16 @@ def _finish_side_files(plan: MergePlan, folder: Path) -> None:
 
 
 def execute_plan(plan: MergePlan, out: str | Path, seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 workers: int | None = None, max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES) -> Path:
-    """Stream the planned merge into `out` (atomically: a failure leaves nothing behind).
+                 workers: int | None = None, max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES, overwrite: bool = False) -> Path:
+    """Stream the planned merge into `out` (atomically: a failure leaves nothing behind; an input is never replaced).
 
     `workers` tensors (default: one per core) are merged concurrently while their inputs fit in
     `max_inflight_bytes` (one tensor always proceeds, however large); results are written in plan order.
     """
     workers = max(1, workers or os.cpu_count() or 1)
-    with atomic_dir(out) as tmp:
+    cfg = plan.config
+    inputs = [m.path for m in cfg.models] + [p for p in (cfg.base_model, cfg.tokenizer_source, cfg.source) if p is not None]
+    with atomic_dir(out, overwrite=overwrite, inputs=inputs, kind="merge") as tmp:
         stream_shards(tmp, _slots(plan), _iter_merged(plan, seed, workers, max_inflight_bytes), max_shard_bytes)
         _finish_side_files(plan, tmp)
     return Path(out)

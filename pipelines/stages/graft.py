@@ -7,50 +7,80 @@ prompts sends each prompt to one pack, or to none).
 
 Output: `<root>/graft/grafted-<key>/`, a checkpoint folder (safetensors, config, tokenizer) that
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load — or, for 'routed',
-a routed-model folder that `graft.routing.RoutedModel.load` loads — plus `graft.json`.
+a routed-model folder that `graft.routing.RoutedModel.load` loads. The fusion report (packs, method, base
+drift) goes to the stage's MLflow run as `graft.json`; the folder itself holds only what its checks cover.
 """
 
 from __future__ import annotations
 
-import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from graft.data import read_jsonl
 from graft.fusion import FusionSettings, fuse_into
 from graft.importance import load_scores
+from graft.model_checks import check_checkpoint
+from graft.routing import is_routed, read_routed_manifest
+from graft.signing import verify_folder
 from graft.skillpack import SkillPack
-from pipelines.cache import content_key, file_digest
+from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
+from pipelines.spec import GraftSpec
+from pipelines.tracking import write_json_artifact
+from pipelines.stages.inputs import base_ref, data_ref, digest_cache, file_ref, tokenizer_ref
 
 NAME = "graft"
 
 
+@dataclass(frozen=True)
+class GraftRequest:
+    """Everything the grafted model depends on; its content key is the hash of all of it."""
+
+    base: Ref
+    tokenizer: Ref
+    packs: tuple[tuple[str, Ref], ...]
+    scores: tuple[Ref, ...] | None  # 'protected' only
+    router_prompts: tuple[tuple[str, Ref], ...]  # 'routed' only: each skill's, and "none"
+    settings: GraftSpec  # `require_signature` replaced by `verifier`
+    verifier: Ref | None
+    seed: int
+
+
 def run(ctx: RunContext) -> StageResult:
-    spec = ctx.spec
+    spec, g = ctx.spec, ctx.spec.graft
     prep, packed, scored = ctx.results["testbed"].info, ctx.results["pack"], ctx.results["score"]
     result = StageResult(NAME)
     names = [s.name for s in spec.skills]
-    g = spec.graft
-    needs_scores = g.method == "protected"
-    router_files = {n: prep["data"][n]["train"] for n in names} if g.method == "routed" else {}
-    if router_files:
-        router_files["none"] = prep["data"][g.router_none]["train"] if g.router_none in prep["data"] else str(Path(g.router_none).resolve())
-    key = content_key(prep["base_key"], [packed.keys[n] for n in names], needs_scores and [scored.keys[n] for n in names],
-                      router_files and [prep["data"][n]["key"] for n in names],
-                      router_files and g.router_none not in prep["data"] and file_digest(router_files["none"]), g)
+    prompts: dict[str, Ref] = {}
+    if g.method == "routed":
+        prompts = {n: data_ref(prep, n) for n in names}
+        prompts["none"] = data_ref(prep, g.router_none) if g.router_none in prep["data"] else file_ref(g.router_none)
+    scores = tuple(Ref(str(scored.outputs[n] / "scores.safetensors"), scored.keys[n]) for n in names)
+    req = GraftRequest(
+        base=base_ref(prep), tokenizer=tokenizer_ref(prep), packs=tuple((n, Ref(str(packed.outputs[n]), packed.keys[n])) for n in names),
+        scores=scores if g.method == "protected" else None,
+        router_prompts=tuple(prompts.items()), settings=g.model_copy(update={"require_signature": None}),
+        verifier=file_ref(g.require_signature) if g.require_signature else None, seed=spec.seed)
 
     def build(tmp: Path, run) -> dict[str, float]:
-        packs = [SkillPack.load(packed.outputs[n]) for n in names]
-        scores = [load_scores(scored.outputs[n] / "scores.safetensors") if needs_scores else None for n in names]
-        settings = FusionSettings(scale=g.scale, protect_fraction=g.protect_fraction, seed=spec.seed, tokenizer=prep["tokenizer"],
-                                  router_prompts={c: _prompts(f, g.router_examples, spec.seed) for c, f in router_files.items()})
-        report = fuse_into(prep["base"], packs, scores, tmp, g.method, settings)
-        (tmp / "graft.json").write_text(json.dumps(report, indent=1))
-        run.artifact(tmp / "graft.json")
+        for _, pack in req.packs:
+            if req.verifier is not None:
+                verify_folder(pack.path, req.verifier.path)
+        packs = [SkillPack.load(p.path) for _, p in req.packs]
+        scores = [load_scores(r.path) for r in req.scores] if req.scores else [None] * len(packs)
+        settings = FusionSettings(scale=g.scale, protect_fraction=g.protect_fraction, seed=req.seed, tokenizer=req.tokenizer.path,
+                                  router_prompts={c: _prompts(r.path, g.router_examples, req.seed) for c, r in req.router_prompts},
+                                  digest_cache=digest_cache(ctx.spec))
+        report = fuse_into(req.base.path, packs, scores, tmp, g.method, settings)
+        if is_routed(tmp):
+            read_routed_manifest(tmp)  # as a reader will see it: schema, hash, checksums
+        else:
+            check_checkpoint(tmp, req.base.path, trust_remote_code=spec.trust_remote_code)
+        write_json_artifact(run, report, "graft.json")
         return {"skills": len(packs)}
 
-    out = ctx.run_item(NAME, "grafted", key, {"skills": names, **spec.graft.model_dump(mode="json")}, build, result)
+    out = ctx.run_item(NAME, "grafted", content_key(req), {"skills": names, **spec.graft.model_dump(mode="json")}, build, result)
     ctx.parent.tags({"graftline.grafted_checkpoint": str(out)})
     return result
 

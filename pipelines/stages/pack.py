@@ -14,59 +14,92 @@ the pack's quantization grids are then fitted to the expert's answers on the sam
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from graft.data import labelled_batches, read_jsonl, replay_mix
 from graft.expert_packing import pack_expert
 from graft.importance import load_scores, module_summary
 from graft.lora import read_lora_deltas
-from pipelines.cache import content_key
+from graft.signing import sign_folder
+from graft.skillpack import SkillPack
+from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
-from pipelines.stages.train import replay_source
+from pipelines.spec import PackSpec
+from pipelines.stages.inputs import base_ref, data_ref, file_ref, replay_ref, tokenizer_ref
 
 NAME = "pack"
 CALIBRATION_BATCH = 32
+
+
+@dataclass(frozen=True)
+class PackRequest:
+    """Everything one skill's SkillPack depends on; its content key is the hash of all of it.
+
+    Calibration inputs (tokenizer, data, replay) are None when the settings need no calibration.
+    """
+
+    skill: str
+    base: Ref
+    adapter: Ref
+    scores: Ref
+    settings: PackSpec  # `sign_key` replaced by `signer`
+    signer: Ref | None
+    tokenizer: Ref | None
+    data: Ref | None
+    replay: Ref | None
+    replay_fraction: float
+    max_length: int
+    trust_remote_code: bool
 
 
 def run(ctx: RunContext) -> StageResult:
     spec, pk = ctx.spec, ctx.spec.pack
     prep, trained, scored = ctx.results["testbed"].info, ctx.results["train"], ctx.results["score"]
     settings = pk.settings()
-    replay = replay_source(prep, spec.train) if pk.calibrate else None
     result = StageResult(NAME)
     for s in spec.skills:
-        key = content_key(trained.keys[s.name], scored.keys[s.name], pk, pk.calibrate and prep["data"][s.name]["key"],
-                          replay and (replay["key"], spec.train.replay_fraction))
+        req = PackRequest(
+            skill=s.name, base=base_ref(prep), adapter=Ref(str(trained.outputs[s.name]), trained.keys[s.name]),
+            scores=Ref(str(scored.outputs[s.name] / "scores.safetensors"), scored.keys[s.name]),
+            settings=pk.model_copy(update={"sign_key": None}),
+            signer=file_ref(pk.sign_key) if pk.sign_key else None,
+            tokenizer=tokenizer_ref(prep) if pk.calibrate else None, data=data_ref(prep, s.name) if pk.calibrate else None,
+            replay=replay_ref(prep, spec.train.replay_data, spec.train.replay_fraction) if pk.calibrate else None,
+            replay_fraction=spec.train.replay_fraction, max_length=spec.train.max_length, trust_remote_code=spec.trust_remote_code)
 
-        def build(tmp: Path, run, skill=s.name) -> dict[str, float]:
-            deltas = read_lora_deltas(trained.outputs[skill])
-            scores = load_scores(scored.outputs[skill] / "scores.safetensors")
+        def build(tmp: Path, run, req=req) -> dict[str, float]:
+            deltas = read_lora_deltas(req.adapter.path)
+            scores = load_scores(req.scores.path)
             share = {k: v["share"] for k, v in module_summary(scores).items()}
             kept = {k: d for k, d in deltas.items() if share.get(k, 1.0) >= pk.min_importance_share}
-            source = {"adapter": str(trained.outputs[skill]), "base": prep["base"], "job": spec.name,
+            source = {"adapter": req.adapter.path, "base": req.base.path, "job": spec.name,
                       "importance_share": {k: share.get(k) for k in kept}, "dropped": sorted(set(deltas) - set(kept))}
             batches = None
-            if pk.calibrate:
+            if req.data is not None:
                 from transformers import AutoTokenizer
 
-                rows = _calibration_rows(prep["data"][skill]["train"], replay, spec.train.replay_fraction, pk.calibration_examples)
-                batches = labelled_batches(AutoTokenizer.from_pretrained(prep["tokenizer"]), rows, spec.train.max_length, CALIBRATION_BATCH)
-            pack = pack_expert(skill, prep["base"], trained.outputs[skill], kept, settings, calibration_batches=batches,
+                rows = _calibration_rows(req.data.path, req.replay, req.replay_fraction, pk.calibration_examples)
+                batches = labelled_batches(AutoTokenizer.from_pretrained(req.tokenizer.path), rows, req.max_length, CALIBRATION_BATCH)
+            pack = pack_expert(req.skill, req.base.path, req.adapter.path, kept, settings, calibration_batches=batches,
                                importance={k: scores[k] for k in kept if k in scores}, source=source, tune_steps=pk.tune_steps,
-                               tune_lr=pk.tune_lr, trust_remote_code=spec.trust_remote_code)
+                               tune_lr=pk.tune_lr, trust_remote_code=req.trust_remote_code)
             tuned = {f"grid_{k}": v for k, v in pack.manifest.get("grid_tuning", {}).items() if k in ("kl_before", "kl_after")}
             pack.write_into(tmp)
+            if req.signer is not None:
+                sign_folder(tmp, req.signer.path)
+            SkillPack.load(tmp)  # the pack as a reader will see it: schema, checksums, stored layout
             run.artifact(tmp, "skillpack")
             m = pack.manifest
             return {"bytes": m["total_bytes"], "bf16_delta_bytes": m["delta_bf16_bytes"],
                     "bytes_ratio": m["total_bytes"] / m["delta_bf16_bytes"], "tensors": len(kept),
                     "mean_rank": sum(e.get("rank", 0) for e in m["tensors"].values()) / max(1, len(kept)), **tuned}
 
-        ctx.run_item(NAME, s.name, key, {"skill": s.name, **pk.model_dump(mode="json")}, build, result)
+        ctx.run_item(NAME, s.name, content_key(req), {"skill": s.name, **pk.model_dump(mode="json")}, build, result)
     return result
 
 
-def _calibration_rows(data: str, replay: dict | None, replay_fraction: float, examples: int) -> list[dict[str, str]]:
+def _calibration_rows(data: str, replay: Ref | None, replay_fraction: float, examples: int) -> list[dict[str, str]]:
     """The first `examples` training rows of the skill, plus replay rows in the share training used."""
     rows = read_jsonl(data)[:examples]
-    return replay_mix(rows, read_jsonl(replay["train"]), replay_fraction) if replay is not None else rows
+    return replay_mix(rows, read_jsonl(replay.path), replay_fraction) if replay is not None else rows

@@ -9,20 +9,37 @@ Fisher diagonal) on the base with the skill's adapter merged in; the driver adds
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from graft.importance import ImportancePartial, module_summary, save_scores
-from pipelines.cache import content_key
+from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
+from pipelines.stages.inputs import base_ref, data_ref, tokenizer_ref
 
 NAME = "score"
 
 
-def score_shard(base: str, adapter: str, tokenizer: str, data: str, shard: int, shards: int, examples: int,
-                batch_size: int, method: str, max_length: int, threads: int, trust_remote_code: bool) -> tuple[dict, int]:
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Everything one skill's scores depend on; its content key is the hash of all of it."""
+
+    base: Ref
+    adapter: Ref | None  # None: the base's own importance
+    tokenizer: Ref
+    data: Ref
+    method: str
+    shards: int
+    examples: int
+    batch_size: int
+    max_length: int
+    trust_remote_code: bool
+
+
+def score_shard(req: ScoreRequest, shard: int, threads: int) -> tuple[dict, int]:
     """Partial importance sums of one data shard (runs as a Ray task)."""
     from transformers import AutoTokenizer
 
@@ -31,18 +48,19 @@ def score_shard(base: str, adapter: str, tokenizer: str, data: str, shard: int, 
     from graft.lora import load_with_adapter
 
     torch.set_num_threads(threads)
-    tok = AutoTokenizer.from_pretrained(tokenizer)
-    model = load_with_adapter(base, adapter, trust_remote_code)
-    rows = read_jsonl(data)[:examples][shard::shards]
-    part = SCORES.get(method)(model, collated_batches(encode_examples(tok, rows, max_length), tok.pad_token_id, batch_size))
+    tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
+    model = load_with_adapter(req.base.path, req.adapter and req.adapter.path, req.trust_remote_code)
+    rows = read_jsonl(req.data.path)[:req.examples][shard::req.shards]
+    batches = collated_batches(encode_examples(tok, rows, req.max_length), tok.pad_token_id, req.batch_size)
+    part = SCORES.get(req.method)(model, batches)
     return {k: v.numpy() for k, v in part.sums.items()}, part.count
 
 
-def score_shard_on_node(*args) -> tuple[dict, int, str]:
+def score_shard_on_node(req: ScoreRequest, shard: int, threads: int) -> tuple[dict, int, str]:
     """`score_shard` plus the id of the Ray node it ran on, so the run records where the fan-out went."""
     import ray
 
-    sums, count = score_shard(*args)
+    sums, count = score_shard(req, shard, threads)
     return sums, count, ray.get_runtime_context().get_node_id()
 
 
@@ -54,16 +72,17 @@ def run(ctx: RunContext) -> StageResult:
     result = StageResult(NAME)
     remote = ray.remote(num_cpus=1)(score_shard_on_node)
     pending: dict[str, list] = {}
+    requests = {s.name: ScoreRequest(
+        base=base_ref(prep), adapter=Ref(str(trained.outputs[s.name]), trained.keys[s.name]), tokenizer=tokenizer_ref(prep),
+        data=data_ref(prep, s.name), method=sc.method, shards=sc.shards, examples=sc.examples, batch_size=sc.batch_size,
+        max_length=spec.train.max_length, trust_remote_code=spec.trust_remote_code) for s in spec.skills}
+    keys = {name: content_key(req) for name, req in requests.items()}
 
     def submit(skill: str) -> list:
         if skill not in pending:
-            pending[skill] = [remote.remote(prep["base"], str(trained.outputs[skill]), prep["tokenizer"],
-                                            prep["data"][skill]["train"], i, sc.shards, sc.examples, sc.batch_size,
-                                            sc.method, spec.train.max_length, 1, spec.trust_remote_code)
-                              for i in range(sc.shards)]
+            pending[skill] = [remote.remote(requests[skill], i, 1) for i in range(sc.shards)]
         return pending[skill]
 
-    keys = {s.name: content_key(trained.keys[s.name], prep["data"][s.name]["key"], sc) for s in spec.skills}
     for s in spec.skills:  # fan out every skill's shards before waiting on any
         if not ctx.output_path(NAME, s.name, keys[s.name]).is_dir() or NAME in ctx.force:
             submit(s.name)

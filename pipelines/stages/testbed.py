@@ -4,25 +4,32 @@ Inputs: the job's `testbed` section and skill list. Outputs (under `<root>/testb
 - `data-<skill>-s<seed>-<key>/{train,test}.jsonl` for every testbed skill the job or a model needs;
 - when `base: testbed`, the models `testbed.models` names (base-v1 at least; see
   `graft.testbed.recipes`), each an HF checkpoint folder, all trained in one Ray Train run through
-  the same DeepSpeed loop as the train stage (the per-run start-up cost is paid once).
-Logs: per model, the loss per step, DeepSpeed engine class, ZeRO stage and world size.
+  the same DeepSpeed loop as the train stage (the per-run start-up cost is paid once), with the same
+  checkpoints and resumption (`train.checkpoint_every`, `train.max_failures`) and `train.deepspeed`
+  applied. Each model's content key is its whole `TrainRequest`'s; each new model is checked against
+  the checkpoint it started from (`graft.model_checks.check_checkpoint`) before it is committed.
+Logs: per model, the loss per step, DeepSpeed engine class, effective ZeRO stage and world size.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from graft.data import write_jsonl
+from graft.model_checks import check_checkpoint
 from graft.testbed.models import init_model, model_config
 from graft.testbed.recipes import DataRef, Recipe, testbed_recipes
 from graft.testbed.skills import SKILLS, generate
 from graft.testbed.tokenizer import save_char_tokenizer
-from pipelines.cache import content_key, file_digest, folder_identity
+from pipelines.cache import Ref, content_key, file_digest, folder_identity
 from pipelines.context import Item, RunContext, StageResult
-from pipelines.training.loop import LOOP_VERSION
-from pipelines.training.trainer import TrainRequest, run_training
+from pipelines.spec import JobSpec
+from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
+from pipelines.training.trainer import TrainJob, TrainRequest, run_training
 
 NAME = "testbed"
 GENERATOR_VERSION = 3
@@ -90,48 +97,82 @@ def run(ctx: RunContext) -> StageResult:
     return result
 
 
-def _models(ctx: RunContext, recipes: list[Recipe], data: dict, result: StageResult) -> dict[str, Path]:
-    spec, tb = ctx.spec, ctx.spec.testbed
-    keys: dict[str, str] = {}
+def model_requests(spec: JobSpec, recipes: list[Recipe], data: dict, init_root: Path,
+                   output_path: Callable[[str, str], Path]) -> dict[str, TrainRequest]:
+    """Each testbed model's whole training request, parents before children.
+
+    A model from scratch starts from `init_root/<name>` (a seeded init, identified by what makes it); a
+    model continued from another recipe's starts from that recipe's output, identified by its content key
+    (`output_path(name, key)` is where that output is, or will be). `train.deepspeed` applies here as in
+    the train stage, so the effective ZeRO stage is the override's when it sets one.
+    """
+    tb, tr = spec.testbed, spec.train
+    reqs: dict[str, TrainRequest] = {}
     for r in recipes:
-        keys[r.name] = content_key(r, keys.get(r.parent), data[r.data]["key"], r.replay and data[r.replay]["key"],
-                                   tb.batch_size, tb.zero_stage, tb.num_workers, spec.train.accelerator, spec.seed, LOOP_VERSION)
-    items = [Item(r.name, keys[r.name], {"recipe": r.__dict__}) for r in recipes]
+        if r.parent is None:
+            start = Ref(str(init_root / r.name), content_key("testbed-init", GENERATOR_VERSION, r.family, r.size, spec.seed))
+        else:
+            parent_key = reqs[r.parent].key()
+            start = Ref(str(output_path(r.parent, parent_key)), parent_key)
+        deepspeed = build_deepspeed_config(micro_batch_size=tb.batch_size, lr=r.lr, steps=r.steps, warmup_steps=min(100, r.steps // 10),
+                                           zero_stage=tb.zero_stage, grad_clip=GRAD_CLIP, bf16=False, offload_optimizer=False,
+                                           overrides=tr.deepspeed)
+        reqs[r.name] = TrainRequest(
+            model=start, tokenizer=start, data=_data_ref(data, r.data), mode="full", steps=r.steps, batch_size=tb.batch_size,
+            seed=spec.seed, deepspeed=deepspeed, num_workers=tb.num_workers, accelerator=tr.accelerator,
+            threads_per_worker=tr.cpus_per_worker, replay=r.replay and _data_ref(data, r.replay), replay_fraction=r.replay_fraction,
+            trust_remote_code=spec.trust_remote_code)
+    return reqs
+
+
+def _data_ref(data: dict, ref: DataRef) -> Ref:
+    return Ref(data[ref]["train"], f"{data[ref]['key']}:train")
+
+
+def _models(ctx: RunContext, recipes: list[Recipe], data: dict, result: StageResult) -> dict[str, Path]:
+    spec = ctx.spec
+    init_root = ctx.root / NAME / ".init"
+    reqs = model_requests(spec, recipes, data, init_root, lambda name, key: ctx.output_path(NAME, name, key))
+    items = [Item(r.name, reqs[r.name].key(), {"recipe": r.__dict__, "deepspeed.zero_stage": reqs[r.name].zero_stage}) for r in recipes]
 
     def build(todo) -> dict[str, dict[str, float]]:
-        init_root = ctx.root / "testbed" / ".init"
-        reqs = []
+        jobs, starts = [], {}
         for r in recipes:
             if r.name not in todo:
                 continue
             tmp, run = todo[r.name]
+            req = reqs[r.name]
             if r.parent is None:
-                init = init_root / r.name
-                tok = save_char_tokenizer(init)
+                tok = save_char_tokenizer(init_root / r.name)
                 init_model(model_config(r.family, r.size, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id),
-                           spec.seed, init)
-                start = str(init)
-            else:
-                start = str(todo[r.parent][0] if r.parent in todo else ctx.output_path(NAME, r.parent, keys[r.parent]))
-            reqs.append(TrainRequest(
-                model_path=start, tokenizer_path=start, data_path=data[r.data]["train"], out_dir=str(tmp), mode="full",
-                steps=r.steps, batch_size=tb.batch_size, lr=r.lr, seed=spec.seed, zero_stage=tb.zero_stage,
-                num_workers=tb.num_workers, accelerator=spec.train.accelerator, warmup_steps=min(100, r.steps // 10),
-                threads_per_worker=spec.train.cpus_per_worker, deepspeed=spec.train.deepspeed,
-                replay_path=r.replay and data[r.replay]["train"], replay_fraction=r.replay_fraction,
-                tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
+                           spec.seed, init_root / r.name)
+            elif r.parent in todo:  # the parent trains in this run, ahead of it: its output is still the temporary folder
+                parent = Ref(str(todo[r.parent][0]), req.model.key)
+                req = dataclasses.replace(req, model=parent, tokenizer=parent)
+            starts[r.name] = req.model.path
+            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
             ctx.log(f"  testbed/{r.name}: {'from scratch, ' + r.family + '-' + r.size if r.parent is None else 'from ' + r.parent}"
-                    f", {r.steps} steps on {r.data.name}")
+                    f", {r.steps} steps on {r.data.name}, ZeRO-{req.zero_stage}")
         try:
-            run_training(reqs, ctx.root / "ray_train", "testbed")
+            run_training(jobs, ctx.root / "ray_train", "testbed", checkpoint_every=spec.train.checkpoint_every,
+                         max_failures=spec.train.max_failures)
+            # every model checked against the checkpoint it started from, before any is committed
+            infos = {name: _checked(tmp, starts[name], spec.trust_remote_code) for name, (tmp, _) in todo.items()}
         finally:
             shutil.rmtree(init_root, ignore_errors=True)
         metrics = {}
-        for name, (tmp, run) in todo.items():
-            info = json.loads((tmp / "train_info.json").read_text())
-            run.params({"deepspeed.engine_class": info["engine_class"], "deepspeed.zero_stage": info["zero_stage"],
-                        "deepspeed.world_size": info["world_size"]})
+        for name, (_, run) in todo.items():
+            info = infos[name]
+            run.params({"deepspeed.engine_class": info["engine_class"], "deepspeed.world_size": info["world_size"]})
+            if info["restarts"]:
+                run.tags({"graftline.restarts": str(info["restarts"]), "graftline.resumed_from_step": str(info["resumed_from_step"])})
             metrics[name] = {"final_loss": info["final_loss"], "train_seconds": info["train_seconds"]}
         return metrics
 
     return ctx.run_items(NAME, items, build, result)
+
+
+def _checked(folder: Path, start: str, trust_remote_code: bool) -> dict:
+    """`folder`'s train_info.json, once the model in it passes `check_checkpoint` against `start`."""
+    check_checkpoint(folder, start, trust_remote_code=trust_remote_code)
+    return json.loads((folder / "train_info.json").read_text())

@@ -1,62 +1,77 @@
 """Stage `train`: one LoRA adapter per skill, all trained in one Ray Train run driving DeepSpeed ZeRO.
 
 Inputs: the base model and each skill's training JSONL (from `testbed`), the job's `train` section.
-The skills train one after another in the same worker group, so the group's start-up (tens of
-seconds on a small machine) is paid once per stage, not once per skill. Reused adapters are skipped.
+Each skill's `TrainRequest` holds everything its adapter depends on (inputs by content key, the
+effective DeepSpeed config resolved here on the driver, every setting), and its content key is the
+output's. The skills train one after another in the same worker group, so the group's start-up (tens
+of seconds on a small machine) is paid once per stage, not once per skill; the group checkpoints every
+`train.checkpoint_every` steps and resumes after a worker failure. Reused adapters are skipped; a new
+adapter is checked (`graft.model_checks.check_adapter`) before it is committed, so a broken one fails
+the stage instead of being cached.
 Outputs: `<root>/train/<skill>-<key>/`, a PEFT adapter folder (+ `train_info.json`, `losses.json`).
-Logs (child run `train/<skill>`): loss per step, engine class, ZeRO stage, world size, the adapter.
+Logs (child run `train/<skill>`): loss per step, engine class, effective ZeRO stage, world size, the adapter.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from pipelines.cache import content_key, file_digest
+from graft.model_checks import check_adapter, check_lora_targets
 from pipelines.context import Item, RunContext, StageResult
-from pipelines.training.loop import LOOP_VERSION
-from pipelines.training.trainer import TrainRequest, run_training
+from pipelines.spec import JobSpec, TrainSpec
+from pipelines.stages.inputs import base_ref, data_ref, replay_ref, tokenizer_ref
+from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
+from pipelines.training.trainer import TrainJob, TrainRequest, run_training
 
 NAME = "train"
 
 
-def replay_source(prep: dict, tr) -> dict | None:
-    """{"train": path, "key": digest} of the data replayed in every training batch, or None without replay."""
-    if tr.replay_fraction <= 0:
-        return None
-    if tr.replay_data in prep["data"]:
-        return prep["data"][tr.replay_data]
-    return {"train": str(Path(tr.replay_data).resolve()), "key": file_digest(tr.replay_data)}
+def adapter_deepspeed(tr: TrainSpec) -> dict:
+    """The effective DeepSpeed config of a skill's adapter training: the spec's settings, `tr.deepspeed` merged over them."""
+    return build_deepspeed_config(micro_batch_size=tr.batch_size, lr=tr.lr, steps=tr.steps, warmup_steps=tr.warmup_steps,
+                                  zero_stage=tr.zero_stage, grad_clip=GRAD_CLIP, bf16=tr.bf16, offload_optimizer=tr.offload_optimizer,
+                                  overrides=tr.deepspeed)
+
+
+def train_requests(spec: JobSpec, prep: dict) -> dict[str, TrainRequest]:
+    """Each skill's whole training request, from the testbed stage's outputs (`prep`) and the job's `train` section."""
+    tr = spec.train
+    base, tokenizer, deepspeed = base_ref(prep), tokenizer_ref(prep), adapter_deepspeed(tr)
+    replay = replay_ref(prep, tr.replay_data, tr.replay_fraction)
+    return {s.name: TrainRequest(
+        model=base, tokenizer=tokenizer, data=data_ref(prep, s.name), mode="lora", steps=tr.steps, batch_size=tr.batch_size,
+        seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=tr.accelerator, threads_per_worker=tr.cpus_per_worker,
+        max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, lora=tr.lora.model_dump(mode="json"),
+        trust_remote_code=spec.trust_remote_code) for s in spec.skills}
 
 
 def run(ctx: RunContext) -> StageResult:
     spec, tr = ctx.spec, ctx.spec.train
     prep = ctx.results["testbed"].info
     result = StageResult(NAME)
-    replay = replay_source(prep, tr)
-    data = {s.name: prep["data"][s.name] for s in spec.skills}
+    reqs = train_requests(spec, prep)
     params = tr.model_dump(mode="json")
-    items = [Item(name, content_key(prep["base_key"], d["key"], replay and replay["key"], tr, LOOP_VERSION), {"skill": name, **params})
-             for name, d in data.items()]
+    items = [Item(name, req.key(), {"skill": name, **params, "deepspeed.zero_stage": req.zero_stage}) for name, req in reqs.items()]
 
     def build(todo) -> dict[str, dict[str, float]]:
-        reqs = []
+        check_lora_targets(prep["base"], tr.lora.target_modules, trust_remote_code=spec.trust_remote_code)
+        jobs = []
         for name, (tmp, run) in todo.items():
-            reqs.append(TrainRequest(
-                model_path=prep["base"], tokenizer_path=prep["tokenizer"], data_path=data[name]["train"], out_dir=str(tmp), mode="lora",
-                steps=tr.steps, batch_size=tr.batch_size, lr=tr.lr, seed=tr.seed, zero_stage=tr.zero_stage,
-                num_workers=tr.num_workers, accelerator=tr.accelerator, warmup_steps=tr.warmup_steps, bf16=tr.bf16,
-                offload_optimizer=tr.offload_optimizer, max_length=tr.max_length, lora=tr.lora.model_dump(),
-                replay_path=replay and replay["train"], replay_fraction=tr.replay_fraction,
-                deepspeed=tr.deepspeed, threads_per_worker=tr.cpus_per_worker,
-                tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
-            ctx.log(f"  train/{name}: LoRA r={tr.lora.rank}, ZeRO-{tr.zero_stage}, {tr.num_workers} workers, {tr.steps} steps")
-        run_training(reqs, ctx.root / "ray_train", "train-" + "-".join(todo))
+            req = reqs[name]
+            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
+            ctx.log(f"  train/{name}: LoRA r={tr.lora.rank}, ZeRO-{req.zero_stage}, {req.num_workers} workers, {req.steps} steps")
+        run_training(jobs, ctx.root / "ray_train", "train-" + "-".join(todo), checkpoint_every=tr.checkpoint_every,
+                     max_failures=tr.max_failures)
+        infos = {}
+        for name, (tmp, _) in todo.items():  # every adapter checked before any is logged or committed
+            check_adapter(tmp, reqs[name].model.path, trust_remote_code=spec.trust_remote_code)
+            infos[name] = json.loads((tmp / "train_info.json").read_text())
         metrics = {}
         for name, (tmp, run) in todo.items():
-            info = json.loads((tmp / "train_info.json").read_text())
-            run.params({"deepspeed.engine_class": info["engine_class"], "deepspeed.zero_stage": info["zero_stage"],
-                        "deepspeed.world_size": info["world_size"]})
+            info = infos[name]
+            run.params({"deepspeed.engine_class": info["engine_class"], "deepspeed.world_size": info["world_size"]})
+            if info["restarts"]:
+                run.tags({"graftline.restarts": str(info["restarts"]), "graftline.resumed_from_step": str(info["resumed_from_step"])})
             run.artifact(tmp, "adapter")
             metrics[name] = {"final_loss": info["final_loss"], "train_seconds": info["train_seconds"],
                              "steps_per_second": info["steps_per_second"]}

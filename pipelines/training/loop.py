@@ -1,10 +1,17 @@
 """The per-worker training function Ray Train runs on every worker: DeepSpeed ZeRO, PEFT LoRA or full.
 
 Everything arrives through `config` (paths are absolute: Ray Train V2 workers run in a temporary
-working directory). `config["jobs"]` is a list of trainings run one after another in the same worker
+working directory). `config["jobs"]` is a list of `TrainJob`s run one after another in the same worker
 group, so a later job may start from an earlier job's output and the group's start-up is paid once.
 Rank 0 logs each job's loss to its MLflow run as it goes and writes the trained adapter or model
-folder to the job's `out_dir` (on storage every node sees, like the rest of a run's outputs).
+folder to the job's `out_dir` (on storage every node sees, like the rest of a run's outputs), with
+`train_info.json` written last: a job whose out_dir holds it is complete.
+
+Every `checkpoint_every` steps each rank saves the DeepSpeed engine (weights, optimizer, scheduler) and
+its own loop state (step, the data pools' order and RNG, torch's RNG, the losses so far) into a local
+folder and reports it to Ray Train. When a worker dies, Ray Train restarts the group
+(`FailureConfig.max_failures`); the new workers skip the jobs already complete and resume the job in
+progress from its last checkpoint, so its step count, sample order and loss history continue.
 """
 
 from __future__ import annotations
@@ -15,27 +22,51 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipelines.training.checkpoints import Resume
+    from pipelines.training.trainer import TrainJob
 
 # Part of every trained output's content key: bump it when a change here changes what a request trains,
-# so outputs cached by an older loop are rebuilt rather than reused (2: replay mixed into every batch).
-LOOP_VERSION = 2
+# so outputs cached by an older loop are rebuilt rather than reused (2: replay mixed into every batch;
+# 3: the effective DeepSpeed config, not the requested stage, decides the gather before a ZeRO-3 save).
+LOOP_VERSION = 3
+INFO, LOSSES = "train_info.json", "losses.json"
 
 
 def train_loop(config: dict[str, Any]) -> None:
-    """Run every job in `config["jobs"]`; see `pipelines.training.trainer.TrainRequest`."""
+    """Run (or, after a restart, finish) every job in `config["jobs"]`; see `pipelines.training.trainer`."""
     if config["accelerator"] == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
+    from pipelines.training.extension_locks import clear_stale_locks, extension_roots
+
+    # before DeepSpeed loads an op: a lock left by a killed build would make every rank wait forever.
+    # TORCH_EXTENSIONS_DIR is torch's own setting for where it builds; read here, where the worker starts.
+    clear_stale_locks(extension_roots(os.environ.get("TORCH_EXTENSIONS_DIR")))
     import ray.train
     import torch
+    import torch.distributed as dist
+
+    from pipelines.training.checkpoints import Resume
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(config.get("threads_per_worker", 1))))
-    losses = {}
-    for job in config["jobs"]:
-        losses[Path(job["out_dir"]).name] = train_one(job, rank, world)
-    ray.train.report({"final_loss": list(losses.values())[-1], "jobs": len(losses)})
+    torch.set_num_threads(max(1, int(config["threads_per_worker"])))
+    checkpoint = ray.train.get_checkpoint()
+    finals: list[float] = []
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext(None) as restored:
+        resume = Resume.read(Path(restored), rank) if restored else None
+        for index, job in enumerate(config["jobs"]):
+            info = Path(job.out_dir) / INFO
+            done = [info.is_file()]
+            dist.broadcast_object_list(done, src=0)  # every rank follows rank 0's view of the shared out_dir
+            if done[0]:
+                finals.append(json.loads(info.read_text())["final_loss"])
+                continue
+            here = resume if resume is not None and resume.job == index else None
+            finals.append(train_one(job, rank, world, index, config["checkpoint_every"], here))
+    ray.train.report({"final_loss": finals[-1], "jobs": len(finals)})
 
 
 def _gathered(params, zero_stage: int):
@@ -63,64 +94,100 @@ class _Pool:
         idx, self.order = self.order[:n], self.order[n:]
         return [self.examples[i] for i in idx]
 
+    def state(self) -> dict[str, Any]:
+        """Position and RNG, as JSON: a pool restored from it serves the same examples next."""
+        version, internal, gauss = self.rng.getstate()
+        return {"rng": [version, list(internal), gauss], "order": list(self.order)}
 
-def train_one(cfg: dict[str, Any], rank: int, world: int) -> float:
-    """Train one model or adapter with DeepSpeed and write it to `cfg["out_dir"]`; returns the final loss."""
+    def restore(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.order = list(state["order"])
+
+
+def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every: int, resume: Resume | None) -> float:
+    """Train one model or adapter with DeepSpeed and write it to `job.out_dir`; returns the final loss.
+
+    With `resume`, the engine and the loop state come from that checkpoint and training goes on from its step.
+    """
     import deepspeed
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from graft.data import collate, encode_examples, read_jsonl
-    from pipelines.training.deepspeed_config import build_deepspeed_config
+    from pipelines.training import checkpoints
+    from pipelines.training.deepspeed_config import zero_stage_of
 
-    torch.manual_seed(cfg["seed"])
-    tok = AutoTokenizer.from_pretrained(cfg["tokenizer_path"])
-    model = AutoModelForCausalLM.from_pretrained(cfg["model_path"], dtype=torch.float32)
-    if cfg["mode"] == "lora":
+    req = job.request
+    if req.loop_version != LOOP_VERSION:
+        raise ValueError(f"request made for training loop version {req.loop_version}, this loop is version {LOOP_VERSION}")
+    torch.manual_seed(req.seed)
+    tok = AutoTokenizer.from_pretrained(req.tokenizer.path, trust_remote_code=req.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(req.model.path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=req.trust_remote_code)
+    if req.mode == "lora":
         from peft import LoraConfig, get_peft_model
 
-        lora = cfg["lora"]
         model = get_peft_model(model, LoraConfig(
-            r=lora["rank"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-            target_modules=lora["target_modules"], task_type="CAUSAL_LM"))
+            r=req.lora["rank"], lora_alpha=req.lora["alpha"], lora_dropout=req.lora["dropout"],
+            target_modules=list(req.lora["target_modules"]), task_type="CAUSAL_LM"))
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
-    ds_cfg = build_deepspeed_config(
-        micro_batch_size=cfg["batch_size"], lr=cfg["lr"], steps=cfg["steps"], warmup_steps=cfg["warmup_steps"],
-        zero_stage=cfg["zero_stage"], grad_clip=cfg["grad_clip"], bf16=cfg["bf16"],
-        offload_optimizer=cfg["offload_optimizer"], overrides=cfg["deepspeed"])
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_cfg)
+    stage = zero_stage_of(req.deepspeed)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=req.deepspeed)
+    if engine.zero_optimization_stage() != stage:
+        raise RuntimeError(f"DeepSpeed runs ZeRO-{engine.zero_optimization_stage()}, the effective config says ZeRO-{stage}")
 
-    rows = read_jsonl(cfg["data_path"])
-    skill = _Pool(encode_examples(tok, rows[rank::world], cfg["max_length"], cfg["loss_on"]), cfg["seed"] * 1000 + rank,
-                  cfg["data_path"])
+    rows = read_jsonl(req.data.path)
+    skill = _Pool(encode_examples(tok, rows[rank::world], req.max_length, req.loss_on), req.seed * 1000 + rank, req.data.path)
     replay, n_replay = None, 0
-    if cfg.get("replay_path") and cfg.get("replay_fraction", 0) > 0:
+    if req.replay is not None and req.replay_fraction > 0:
         # a fixed share of every batch comes from the whole replay set, however small the skill's data is
-        replay_rows = encode_examples(tok, read_jsonl(cfg["replay_path"])[rank::world], cfg["max_length"], cfg["loss_on"])
-        replay = _Pool(replay_rows, cfg["seed"] * 1000 + rank + 500, cfg["replay_path"])
-        n_replay = min(cfg["batch_size"] - 1, max(1, round(cfg["batch_size"] * cfg["replay_fraction"])))
+        replay_rows = encode_examples(tok, read_jsonl(req.replay.path)[rank::world], req.max_length, req.loss_on)
+        replay = _Pool(replay_rows, req.seed * 1000 + rank + 500, req.replay.path)
+        n_replay = min(req.batch_size - 1, max(1, round(req.batch_size * req.replay_fraction)))
 
-    tracker = None
-    if rank == 0 and cfg.get("tracking_uri") and cfg.get("mlflow_run_id"):
+    start, losses, seconds, restarts = 0, [], 0.0, 0
+    if resume is not None:
+        checkpoints.load(engine, resume, lora=req.mode == "lora")
+        state = resume.rank_state
+        skill.restore(state["skill"])
+        if replay is not None:
+            replay.restore(state["replay"])
+        checkpoints.restore_rng(state["rng"])
+        start, losses, seconds, restarts = resume.step, list(state["losses"]), state["seconds"], resume.restarts + 1
+
+    tracker, logged = None, set()
+    if rank == 0 and job.tracking_uri and job.mlflow_run_id:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
-        tracker = MlflowClient(cfg["tracking_uri"])
+        tracker = MlflowClient(job.tracking_uri)
+        if resume is not None:  # steps the killed attempt already logged are not logged twice
+            logged = {m.step for m in tracker.get_metric_history(job.mlflow_run_id, "train_loss")}
     pending: list = []
 
     def flush() -> None:
         if tracker and pending:
-            tracker.log_batch(cfg["mlflow_run_id"], metrics=pending)
+            tracker.log_batch(job.mlflow_run_id, metrics=pending)
             pending.clear()
 
-    losses: list[float] = []
-    t0 = time.time()
+    def save_checkpoint(done: int, trained_seconds: float) -> None:
+        state = {"skill": skill.state(), "replay": replay.state() if replay else None, "rng": checkpoints.rng_state(),
+                 "losses": losses, "seconds": trained_seconds}
+        checkpoints.save(engine, rank=rank, job=index, step=done, restarts=restarts, lora=req.mode == "lora", state=state,
+                         metrics={"job": index, "step": done, "train_loss": losses[-1]})
+
     engine.train()
-    for step in range(cfg["steps"]):
-        examples = skill.take(cfg["batch_size"] - n_replay) + (replay.take(n_replay) if replay else [])
+    t0, paused = time.time(), 0.0  # checkpoint saves are not training time
+
+    def elapsed() -> float:
+        return seconds + time.time() - t0 - paused
+
+    for step in range(start, req.steps):
+        examples = skill.take(req.batch_size - n_replay) + (replay.take(n_replay) if replay else [])
         batch = {k: v.to(engine.device) for k, v in collate(examples, tok.pad_token_id).items()}
         loss = engine(**batch).loss
         engine.backward(loss)
@@ -128,12 +195,18 @@ def train_one(cfg: dict[str, Any], rank: int, world: int) -> float:
         mean = loss.detach().float().clone()
         dist.all_reduce(mean)
         losses.append(mean.item() / world)
-        if tracker is not None:
+        if tracker is not None and step not in logged:
             pending.append(Metric("train_loss", losses[-1], int(time.time() * 1000), step))
-            if len(pending) >= cfg.get("log_every", 20):
+            if len(pending) >= job.log_every:
                 flush()
+        done = step + 1
+        if done % checkpoint_every == 0 and done < req.steps:
+            flush()
+            c0 = time.time()
+            save_checkpoint(done, elapsed())
+            paused += time.time() - c0
     flush()
-    seconds = time.time() - t0
+    attempt = time.time() - t0 - paused
 
     final = sum(losses[-10:]) / max(1, len(losses[-10:]))
     info = {
@@ -141,23 +214,28 @@ def train_one(cfg: dict[str, Any], rank: int, world: int) -> float:
         "engine_module": type(engine).__module__,
         "zero_stage": engine.zero_optimization_stage(),
         "world_size": world,
-        "mode": cfg["mode"],
-        "steps": cfg["steps"],
+        "mode": req.mode,
+        "steps": req.steps,
         "final_loss": final,
-        "train_seconds": seconds,
-        "steps_per_second": cfg["steps"] / seconds if seconds else 0.0,
+        "train_seconds": seconds + attempt,
+        "steps_per_second": (req.steps - start) / attempt if attempt > 0 else 0.0,  # this attempt's rate
         "trainable_parameters": n_trainable,
-        "deepspeed_config": ds_cfg,
+        "resumed_from_step": resume.step if resume is not None else None,
+        "restarts": restarts,
+        "checkpoint_every": checkpoint_every,
+        "deepspeed_config": req.deepspeed,
     }
-    out = Path(cfg["out_dir"])
+    out = Path(job.out_dir)
     module = engine.module
-    with _gathered(trainable if cfg["mode"] == "lora" else module.parameters(), cfg["zero_stage"]):
+    with _gathered(trainable if req.mode == "lora" else module.parameters(), stage):
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             module.save_pretrained(str(out))
             tok.save_pretrained(str(out))
-            (out / "train_info.json").write_text(json.dumps(info, indent=1, default=str))
-            (out / "losses.json").write_text(json.dumps(losses))
+            (out / LOSSES).write_text(json.dumps(losses))
+            part = out / f".{INFO}.part"
+            part.write_text(json.dumps(info, indent=1, default=str))
+            part.replace(out / INFO)  # last, and whole: its presence says the job is complete
     dist.barrier()
     engine.destroy()
     return final

@@ -1,78 +1,110 @@
-"""Run trainings as one Ray Train `TorchTrainer` whose loop drives DeepSpeed ZeRO."""
+"""Run trainings as one Ray Train `TorchTrainer` whose loop drives DeepSpeed ZeRO.
+
+A `TrainRequest` says what one training makes, completely: its inputs as `Ref`s (hashed by their
+content keys), every setting, the effective DeepSpeed config (resolved once, on the driver) and the
+loop version. Its content key is therefore the key of the output it makes. A `TrainJob` adds where
+the output goes and where its loss is logged, which do not change what is trained.
+"""
 
 from __future__ import annotations
 
-import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.training.loop import train_loop
+from graft.atomic import scratch_dir
+from pipelines.cache import Ref, content_key
+from pipelines.training.deepspeed_config import zero_stage_of
+from pipelines.training.loop import LOOP_VERSION, train_loop
+
+MODES = ("lora", "full")
 
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """Everything one training needs, as plain values (paths absolute)."""
+    """What one training makes, completely; `key()` is the content key of its output."""
 
-    model_path: str
-    tokenizer_path: str
-    data_path: str
-    out_dir: str
-    mode: str  # "lora" or "full"
+    model: Ref  # the checkpoint training starts from
+    tokenizer: Ref
+    data: Ref  # prompt/answer JSONL
+    mode: str  # "lora" (a PEFT adapter on `model`) or "full" (a whole checkpoint)
     steps: int
     batch_size: int  # per worker
-    lr: float
     seed: int
-    zero_stage: int = 2
+    deepspeed: dict[str, Any]  # the effective DeepSpeed config (deepspeed_config.build_deepspeed_config)
     num_workers: int = 2
     accelerator: str = "cpu"
-    warmup_steps: int = 10
-    grad_clip: float = 1.0
-    bf16: bool = False
-    offload_optimizer: bool = False
+    threads_per_worker: int = 1
     loss_on: str = "answer"
     max_length: int = 64
-    replay_path: str | None = None
+    replay: Ref | None = None  # JSONL replayed in every batch, `replay_fraction` of it
     replay_fraction: float = 0.0
-    lora: dict[str, Any] = field(default_factory=dict)
-    deepspeed: dict[str, Any] = field(default_factory=dict)
-    threads_per_worker: int = 1
+    lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules (mode "lora")
+    trust_remote_code: bool = False
+    loop_version: int = LOOP_VERSION
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"training mode must be one of {MODES}, got {self.mode!r}")
+        if (self.mode == "lora") != (self.lora is not None):
+            raise ValueError("a LoRA training needs `lora` settings, and only a LoRA training takes them")
+        zero_stage_of(self.deepspeed)
+
+    @property
+    def zero_stage(self) -> int:
+        """The ZeRO stage this training runs: the effective config's, whatever field set it."""
+        return zero_stage_of(self.deepspeed)
+
+    def key(self) -> str:
+        return content_key(self)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training as the worker group runs it: the request, the folder it writes, the MLflow run it logs to."""
+
+    request: TrainRequest
+    out_dir: str  # absolute; on storage every node sees
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     log_every: int = 20
 
 
-def run_training(reqs: Sequence[TrainRequest], storage_path: str | Path, name: str) -> None:
-    """Train every request, in order, on one Ray Train worker group; each writes its `out_dir`.
+def run_training(jobs: Sequence[TrainJob], storage_path: str | Path, name: str, *, checkpoint_every: int, max_failures: int) -> None:
+    """Train every job, in order, on one Ray Train worker group; each writes its `out_dir`.
 
-    Each call gets a fresh Ray Train run name: reusing a (storage_path, name) pair would make Ray
-    Train V2 silently resume that earlier run.
+    Every `checkpoint_every` steps the group reports a checkpoint to Ray Train storage under
+    `storage_path`; a failed worker group is restarted from the last one up to `max_failures` times.
+    Each call gets a fresh Ray Train run name (reusing a (storage_path, name) pair would make Ray Train V2
+    silently resume that earlier run) in a scratch folder of its own (`graft.atomic.scratch_dir`),
+    removed when the call ends, or by the next training under `storage_path` if this process is killed:
+    nothing else can resume from it.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not reqs:
+    if not jobs:
         return
-    shape = {(r.num_workers, r.accelerator, r.threads_per_worker) for r in reqs}
+    shape = {(j.request.num_workers, j.request.accelerator, j.request.threads_per_worker) for j in jobs}
     if len(shape) != 1:
         raise ValueError("trainings run together must share num_workers, accelerator and threads_per_worker")
-    first = reqs[0]
+    first = jobs[0].request
     use_gpu = first.accelerator == "cuda"
-    run_name = f"{name}-{uuid.uuid4().hex[:8]}"
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"jobs": [asdict(r) for r in reqs], "accelerator": first.accelerator,
-                           "threads_per_worker": first.threads_per_worker},
-        scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": first.threads_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=str(Path(storage_path).resolve()), name=run_name,
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    trainer.fit()
-    shutil.rmtree(Path(storage_path) / run_name, ignore_errors=True)
-    for r in reqs:
-        if not (Path(r.out_dir) / "train_info.json").is_file():
-            raise RuntimeError(f"training into {r.out_dir} finished without writing its outputs")
+    with scratch_dir(Path(storage_path).resolve(), name) as storage:
+        run_name = f"{name}-{uuid.uuid4().hex[:8]}"
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"jobs": list(jobs), "accelerator": first.accelerator, "threads_per_worker": first.threads_per_worker,
+                               "checkpoint_every": checkpoint_every},
+            scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": first.threads_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=RunConfig(storage_path=str(storage), name=run_name, failure_config=FailureConfig(max_failures=max_failures),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=1)),
+        )
+        trainer.fit()
+    for j in jobs:
+        if not (Path(j.out_dir) / "train_info.json").is_file():
+            raise RuntimeError(f"training into {j.out_dir} finished without writing its outputs")
