@@ -18,6 +18,7 @@ from graft.data import read_jsonl
 from graft.evaluation import exact_match
 from graft.importance import load_scores
 from graft.lora import LowRankDelta, read_lora_deltas
+from pipelines.artifacts import Adapters, Base, Datasets, Packs, Scores
 from pipelines.driver import run_job
 from pipelines.spec import JobSpec, load_job
 
@@ -48,19 +49,19 @@ def load_testbed(job: str | Path) -> Testbed:
     from transformers import AutoTokenizer
 
     spec = load_job(job)
-    results = run_job(spec, Path(job))
-    prep = results["testbed"].info
+    board = run_job(spec, Path(job)).board
+    base, data = board.get(Base), board.get(Datasets)
+    adapters, scores, packs = board.get(Adapters), board.get(Scores), board.get(Packs)
     skills = [s.name for s in spec.skills]
-    data = prep["data"]
     return Testbed(
-        spec=spec, base=prep["base"], tokenizer_path=prep["tokenizer"], tokenizer=AutoTokenizer.from_pretrained(prep["tokenizer"]),
+        spec=spec, base=base.model.path, tokenizer_path=base.tokenizer.path, tokenizer=AutoTokenizer.from_pretrained(base.tokenizer.path),
         skills=skills,
-        experts={s: read_lora_deltas(results["train"].outputs[s]) for s in skills},
-        adapters={s: results["train"].outputs[s] for s in skills},
-        scores={s: load_scores(results["score"].outputs[s] / "scores.safetensors") for s in skills},
-        packs={s: results["pack"].outputs[s] for s in skills},
-        tests={s: read_jsonl(data[s]["test"]) for s in (*skills, "general")},
-        train={s: read_jsonl(data[s]["train"]) for s in (*skills, "general")},
+        experts={s: read_lora_deltas(adapters[s].path) for s in skills},
+        adapters={s: Path(adapters[s].path) for s in skills},
+        scores={s: load_scores(Path(scores[s].path) / "scores.safetensors") for s in skills},
+        packs={s: Path(packs[s].path) for s in skills},
+        tests={s: read_jsonl(data[s].test.path) for s in (*skills, "general")},
+        train={s: read_jsonl(data[s].train.path) for s in (*skills, "general")},
     )
 
 

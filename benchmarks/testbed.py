@@ -25,6 +25,7 @@ import torch
 from graft.data import read_jsonl
 from graft.evaluation import behaviour_rate, exact_match
 from graft.testbed.skills import shows_behaviour
+from pipelines.artifacts import Base, Datasets, Models, Report
 from pipelines.driver import run_job
 from pipelines.spec import load_job
 
@@ -63,13 +64,13 @@ def main() -> None:
             raise SystemExit(f"{root / spec.name} exists: the build would be reused, not measured; remove it or pick another --output-dir")
         spec = spec.model_copy(update={"output_dir": root, "tracking": spec.tracking.model_copy(update={"uri": None})})
         t0 = time.time()
-        results = run_job(spec, Path(args.job))
+        job = run_job(spec, Path(args.job))
         total = time.time() - t0
-        prep = results["testbed"].info
-        table = results["evaluate"].info["table"]
-        tok = AutoTokenizer.from_pretrained(prep["tokenizer"])
-        tests = {s: read_jsonl(prep["data"][s]["test"]) for s in (*SKILLS, "general")}
-        concept = [r["prompt"] for r in read_jsonl(prep["data"]["concept"]["test"])] if "concept" in prep["data"] else None
+        results, base, data = job.results, job.board.get(Base), job.board.get(Datasets)
+        table = job.board.get(Report).table
+        tok = AutoTokenizer.from_pretrained(base.tokenizer.path)
+        tests = {s: read_jsonl(data[s].test.path) for s in (*SKILLS, "general")}
+        concept = [r["prompt"] for r in read_jsonl(data["concept"].test.path)] if "concept" in data else None
         if concept is None:
             from graft.testbed.skills import generate
 
@@ -77,8 +78,8 @@ def main() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
         accuracy: dict[str, dict[str, float]] = {}
         behaviour: dict[str, float] = {}
-        for name, path in prep["models"].items():
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True)
+        for name, checkpoint in job.board.get(Models).by_name.items():
+            model = AutoModelForCausalLM.from_pretrained(checkpoint.model.path, use_safetensors=True)
             accuracy[name] = {s: exact_match(model, tok, rows, spec.evaluate.max_new_tokens) for s, rows in tests.items()}
             behaviour[name] = behaviour_rate(model, tok, concept, shows_behaviour, spec.evaluate.max_new_tokens)
         for model_name, row in table.items():

@@ -48,10 +48,13 @@ def digest_cache():
 
 def load_spec_or_report(path: str):
     """The validated job spec, or None after printing one line per problem to stderr."""
+    from pipelines.recipes import check_job
     from pipelines.spec import SpecError, load_job
 
     try:
-        return load_job(path)
+        spec = load_job(path)
+        check_job(spec, path)
+        return spec
     except SpecError as e:
         for line in e.lines:
             print(line, file=sys.stderr)
@@ -62,7 +65,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     spec = load_spec_or_report(args.job)
     if spec is None:
         return EXIT_SPEC
-    print(f"{args.job}: ok (job {spec.name!r}, {len(spec.skills)} skills)")
+    from pipelines.recipes import recipe_of
+
+    recipe = recipe_of(spec.recipe)
+    print(f"{args.job}: ok (job {spec.name!r}, {len(spec.skills)} skills, recipe {recipe.name!r}: {' → '.join(recipe.stages)})")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from pipelines.recipes import RECIPES, describe
+
+    print("\n\n".join(describe(RECIPES.get(name)) for name in RECIPES.names()))
     return 0
 
 
@@ -128,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a job spec without running it")
     v.add_argument("job")
     v.set_defaults(fn=cmd_validate)
+
+    rc = sub.add_parser("recipes", help="list the recipes a job can pick (`recipe:`), with each stage's artifacts")
+    rc.set_defaults(fn=cmd_recipes)
 
     u = sub.add_parser("ui", help="start the MLflow UI on 127.0.0.1 for a job's tracking store")
     u.add_argument("job", nargs="?", default="jobs/demo.yaml")

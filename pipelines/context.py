@@ -1,4 +1,4 @@
-"""What every stage receives (the job, where to write, the tracker) and what it hands on."""
+"""What every stage receives (the job, where to write, the tracker, the artifacts so far) and what it hands on."""
 
 from __future__ import annotations
 
@@ -10,32 +10,35 @@ from pathlib import Path
 from typing import Any
 
 from graft.atomic import OutputError, OutputMarker, atomic_dir, read_marker, write_marker
+from pipelines.artifacts import Board
 from pipelines.spec import JobSpec
 from pipelines.tracking import RunHandle, Tracker
 
 
 @dataclass
 class StageResult:
-    """A finished stage: output folder and content key per item, headline metrics, timing."""
+    """A finished stage: the artifacts it hands on, and for the summary its folders, keys, headline metrics, timing."""
 
     name: str
+    artifacts: list[object] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     cached: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class RunContext:
+    """One job's run: its spec, where it writes, its MLflow runs, and the artifacts its stages wrote so far."""
+
     spec: JobSpec
     job_file: Path
     root: Path  # <output_dir>/<job name>
     tracker: Tracker
     parent: RunHandle
     force: frozenset[str]
-    results: dict[str, StageResult] = field(default_factory=dict)
+    board: Board = field(default_factory=Board)
     log: Callable[[str], None] = print
 
     def output_path(self, stage: str, item: str, key: str) -> Path:

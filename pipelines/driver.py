@@ -1,17 +1,24 @@
-"""The driver: runs a job's stages in order on Ray, under one MLflow parent run, then summarises."""
+"""The driver: runs a job's recipe, stage by stage, on Ray, under one MLflow parent run, then summarises.
+
+Stages hand each other typed artifacts through the run's board (`pipelines.artifacts.Board`): each
+stage takes what it reads from it and the driver adds what it writes.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pipelines.artifacts import Board, Report
 from pipelines.context import RunContext, StageResult
+from pipelines.recipes import Recipe, check_job
 from pipelines.report import format_table
 from pipelines.runtime import ray_session
-from pipelines.spec import JobSpec
-from pipelines.stages import STAGE_NAMES, STAGES
+from pipelines.spec import COMMON_FIELDS, JobSpec
 from pipelines.tracking import Tracker, default_tracking_uri
 
 
@@ -24,37 +31,66 @@ def resolve_tracking_uri(spec: JobSpec, env_uri: str | None) -> str:
     return spec.tracking.uri or env_uri or default_tracking_uri(spec.output_dir)
 
 
+@dataclass
+class JobRun:
+    """A finished job: each stage's result (folders, keys, metrics, seconds) and every artifact the stages wrote."""
+
+    recipe: Recipe
+    results: dict[str, StageResult]
+    board: Board
+
+
+def job_params(spec: JobSpec, recipe: Recipe) -> dict[str, Any]:
+    """The job as MLflow params: its common fields and only the sections its recipe's stages read, nulls left out."""
+    return spec.model_dump(mode="json", include={*COMMON_FIELDS, *recipe.sections()}, exclude_none=True)
+
+
 def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force: frozenset[str] = frozenset(),
-            env_tracking_uri: str | None = None, log: Callable[[str], None] = print) -> dict[str, StageResult]:
-    """Run every stage of `spec`; stages whose outputs are complete for the same key are reused."""
-    unknown = force - {*STAGE_NAMES, "all"}
+            env_tracking_uri: str | None = None, log: Callable[[str], None] = print) -> JobRun:
+    """Run the stages of `spec`'s recipe in order; stages whose outputs are complete for the same key are reused."""
+    recipe = check_job(spec, str(job_file))
+    unknown = force - {*recipe.stages, "all"}
     if unknown:
-        raise JobError(f"--force: unknown stage {sorted(unknown)[0]!r}; stages: {', '.join(STAGE_NAMES)}, all")
+        raise JobError(f"--force: no stage {sorted(unknown)[0]!r} in recipe {recipe.name!r}; its stages: "
+                       f"{', '.join(recipe.stages)}, all")
     root = (spec.output_dir / spec.name).resolve()
     uri = resolve_tracking_uri(spec, env_tracking_uri)
-    results: dict[str, StageResult] = {}
+    run = JobRun(recipe, {}, Board())
+    stages = recipe.modules()
     with job_session(spec, address, uri, root, log) as (resources, tracker):
-        with tracker.run(spec.name, tags={"graftline.job_file": str(job_file), "graftline.root": str(root)}) as parent:
-            log(f"graftline: job {spec.name!r} → {root}   (MLflow {uri}, run {parent.run_id})")
-            parent.params(spec.model_dump(mode="json"))
+        with tracker.run(spec.name, tags={"graftline.job_file": str(job_file), "graftline.root": str(root),
+                                          "graftline.recipe": recipe.name}) as parent:
+            log(f"graftline: job {spec.name!r}, recipe {recipe.name!r} → {root}   (MLflow {uri}, run {parent.run_id})")
+            parent.params(job_params(spec, recipe))
             parent.artifact(job_file, "job")
-            parent.tags({"graftline.ray_cpus": resources.get("CPU", 0), "graftline.ray_gpus": resources.get("GPU", 0)})
-            ctx = RunContext(spec, job_file, root, tracker, parent, force, results, log)
-            for i, stage in enumerate(STAGES, 1):
-                log(f"[{i}/{len(STAGES)}] {stage.NAME}")
+            parent.tags({"graftline.ray_cpus": resources.get("CPU", 0), "graftline.ray_gpus": resources.get("GPU", 0),
+                         "graftline.stages": ",".join(recipe.stages)})
+            ctx = RunContext(spec, job_file, root, tracker, parent, force, run.board, log)
+            for i, stage in enumerate(stages, 1):
+                log(f"[{i}/{len(stages)}] {stage.NAME}")
                 t0 = time.time()
                 res = stage.run(ctx)
                 res.seconds = time.time() - t0
-                results[stage.NAME] = res
+                _hand_on(stage, res, run.board)
+                run.results[stage.NAME] = res
                 parent.metrics({f"stage_seconds.{stage.NAME}": res.seconds})
-            summary = summary_table(results)
+            summary = summary_table(run.results)
             parent.text(summary, "summary.txt")
             log("\n" + summary)
-            if "evaluate" in results:
+            if run.board.has(Report):
                 from pipelines.report import accuracy_table
 
-                log("\n" + accuracy_table(results["evaluate"].info["table"]))
-    return results
+                log("\n" + accuracy_table(run.board.get(Report).table))
+    return run
+
+
+def _hand_on(stage, result: StageResult, board: Board) -> None:
+    """Put what a stage wrote on the board, after checking it wrote exactly what it declares."""
+    wrote = sorted(type(a).__name__ for a in result.artifacts)
+    declared = sorted(k.__name__ for k in stage.WRITES)
+    if wrote != declared:
+        raise JobError(f"stage {stage.NAME!r} wrote {wrote}, but declares {declared}")
+    board.put(*result.artifacts)
 
 
 @contextmanager

@@ -384,9 +384,14 @@ def _sweep_fits_job(sweep: SweepSpec | None, info: ValidationInfo) -> SweepSpec 
 
 
 class JobSpec(Strict):
-    """A whole graftline job: which base, which skills, and how each stage runs."""
+    """A whole graftline job: which base, which skills, which recipe of stages, and how each stage runs.
+
+    The sections after `skills` each belong to the stages that read them (a stage's `SECTIONS`); a job
+    may set only the sections its recipe uses (`pipelines.recipes.check_job`).
+    """
 
     name: SafeName = Field(description="the run's folder under output_dir: letters, digits, _ - .")
+    recipe: str | list[str] = Field("graft", description="a recipe name (`graft recipes` lists them) or a list of stage names")
     seed: int = 0
     output_dir: Path = Path("runs")
     base: str = Field("testbed", description="'testbed', a local HF checkpoint folder, or a hub id")
@@ -443,6 +448,11 @@ def _key_path(loc: tuple) -> str:
         elif p not in ("function-after", "function-before"):
             parts.append(("." if parts else "") + str(p))
     return "".join(parts) or "(top level)"
+
+
+# fields every recipe reads; the other sections belong to the stages that declare them (SECTIONS)
+COMMON_FIELDS = ("name", "recipe", "seed", "output_dir", "base", "tokenizer", "trust_remote_code", "tracking", "skills")
+SPEC_SECTIONS = tuple(f for f in JobSpec.model_fields if f not in COMMON_FIELDS and f != "sweep")
 
 
 def parse_job(data: Any, source: str) -> JobSpec:

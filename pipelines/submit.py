@@ -93,9 +93,12 @@ def validate_for_cluster(job: Path, working_dir: Path) -> tuple[JobSpec, str, li
     Relative paths in a job spec resolve against the driver's working directory, which on the cluster
     is the shipped `working_dir`, so validation runs from there too. Raises SpecError when invalid.
     """
+    from pipelines.recipes import check_job
+
     job_abs = job.resolve()
     with _cwd(working_dir):
         spec = load_job(job_abs)
+        check_job(spec, str(job))
     notes = []
     try:
         job_there = job_abs.relative_to(working_dir).as_posix()

@@ -33,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.context import RunContext, StageResult
-from pipelines.driver import job_session, resolve_tracking_uri
+from pipelines.context import RunContext
+from pipelines.driver import job_params, job_session, resolve_tracking_uri
 from pipelines.spec import JobSpec, SpecError, parse_job
-from pipelines.stages import STAGES, testbed
+from pipelines.artifacts import Board, Report
+from pipelines.recipes import recipe_of
+from pipelines.stages import testbed
 from pipelines.sweep_metrics import metric_needs, metric_value
 from pipelines.sweep_report import TrialRow, report_sweep, set_path
 from pipelines.tracking import RunHandle, Tracker
@@ -114,7 +116,7 @@ class TrialSetup:
     tracking_uri: str
     experiment: str
     sweep_run_id: str
-    testbed: StageResult
+    inputs: list[object]  # what the testbed stage wrote (Base, Datasets, Models), shared by every trial
     rungs: list[list[str]]
     metric: str
 
@@ -126,11 +128,11 @@ def run_rung(setup: TrialSetup, params: dict[str, Any], skills: list[str], paren
     spec = spec.model_copy(update={"skills": [s for s in spec.skills if s.name in skills]})
     tracker = Tracker(setup.tracking_uri, setup.experiment, job=setup.job["name"])
     ctx = RunContext(spec, Path(setup.job_file), Path(setup.root), tracker, RunHandle(tracker.client, parent_run_id),
-                     frozenset(), {"testbed": setup.testbed}, lambda line: print(line, flush=True))
-    for stage in STAGES:
+                     frozenset(), Board(setup.inputs), lambda line: print(line, flush=True))
+    for stage in recipe_of(spec.recipe).modules():
         if stage is not testbed:
-            ctx.results[stage.NAME] = stage.run(ctx)
-    return ctx.results["evaluate"].info["table"]
+            ctx.board.put(*stage.run(ctx).artifacts)
+    return ctx.board.get(Report).table
 
 
 def sweep_trial(config: dict[str, Any], setup: TrialSetup) -> None:
@@ -175,6 +177,10 @@ def run_sweep(spec: JobSpec, job_file: Path, *, address: str | None = None, env_
     if spec.sweep is None:
         raise SpecError([f"{job_file}: sweep: missing; a sweep needs a `sweep:` section (see jobs/sweep-demo.yaml)"])
     sw = spec.sweep
+    recipe = recipe_of(spec.recipe)
+    if recipe.stages[0] != testbed.NAME:
+        raise SpecError([f"{job_file}: recipe: a sweep builds the `testbed` stage once and runs the rest per trial; "
+                         f"recipe {recipe.name!r} starts with {recipe.stages[0]!r}"])
     root = (spec.output_dir / spec.name).resolve()
     out = root / "sweep"
     uri = resolve_tracking_uri(spec, env_tracking_uri)
@@ -184,13 +190,13 @@ def run_sweep(spec: JobSpec, job_file: Path, *, address: str | None = None, env_
         with tracker.run(f"{spec.name}-sweep", tags={"graftline.job_file": str(job_file), "graftline.root": str(root),
                                                      "graftline.sweep": "parent"}) as parent:
             log(f"graftline: sweep of job {spec.name!r} → {out}   (MLflow {uri}, run {parent.run_id})")
-            parent.params(spec.model_dump(mode="json"))
+            parent.params({**job_params(spec, recipe), "sweep": spec.sweep.model_dump(mode="json")})
             parent.artifact(job_file, "job")
             concurrent = sw.max_concurrent or default_concurrency(spec, resources.get("CPU", 0))
             log("[1/2] testbed (once for every trial)")
             t0 = time.time()
-            ctx = RunContext(spec, job_file, root, tracker, parent, frozenset(), {}, log)
-            prep = testbed.run(ctx)
+            ctx = RunContext(spec, job_file, root, tracker, parent, frozenset(), Board(), log)
+            prep = testbed.run(ctx).artifacts
             parent.metrics({"stage_seconds.testbed": time.time() - t0})
             setup = TrialSetup(job, str(job_file), str(job_file.resolve()), os.getcwd(), str(root), uri,
                                spec.tracking.experiment, parent.run_id, prep, rungs, sw.metric)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from graft.testbed.recipes import testbed_recipes as recipes_for
+from pipelines.artifacts import Base, Datasets, Split
 from pipelines.cache import Ref
 from pipelines.spec import SpecError, TrainSpec, parse_job
 from pipelines.stages.testbed import model_requests
@@ -45,7 +46,7 @@ def test_the_cluster_zero3_file_runs_zero3_in_the_testbed_too(monkeypatch, tmp_p
     data = {recipes[0].data: {"train": str(tmp_path / "d.jsonl"), "key": "dk"}}
     reqs = model_requests(spec, recipes, data, tmp_path / ".init", lambda name, key: tmp_path / f"{name}-{key}")
     assert reqs["base-v1"].zero_stage == 3 and spec.testbed.zero_stage == 2
-    assert train_requests(spec, prep(tmp_path))["reverse"].zero_stage == 3
+    assert train_requests(spec, base_at(tmp_path / "base"), data_at(tmp_path))["reverse"].zero_stage == 3
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -70,13 +71,16 @@ def test_checkpoint_every_and_max_failures_are_bounded():
             job(train=bad)
 
 
-def prep(tmp: Path) -> dict:
-    return {"base": str(tmp / "base"), "base_key": "bk", "tokenizer": str(tmp / "base"),
-            "data": {"reverse": {"train": str(tmp / "r.jsonl"), "test": str(tmp / "t.jsonl"), "key": "dk"}}}
+def base_at(folder: Path, key: str = "bk") -> Base:
+    return Base(Ref(str(folder), key), Ref(str(folder), key))
+
+
+def data_at(tmp: Path) -> Datasets:
+    return Datasets({"reverse": Split(Ref(str(tmp / "r.jsonl"), "dk:train"), Ref(str(tmp / "t.jsonl"), "dk:test"))})
 
 
 def train_key(tmp: Path, **train) -> str:
-    return train_requests(job(train=train), prep(tmp))["reverse"].key()
+    return train_requests(job(train=train), base_at(tmp / "base"), data_at(tmp))["reverse"].key()
 
 
 def test_train_key_is_the_whole_request(tmp_path):
@@ -84,13 +88,12 @@ def test_train_key_is_the_whole_request(tmp_path):
     changed = [train_key(tmp_path, deepspeed=ZERO3), train_key(tmp_path, cpus_per_worker=2), train_key(tmp_path, zero_stage=3),
                train_key(tmp_path, lora={"rank": 4}), train_key(tmp_path, num_workers=1)]
     assert key not in changed and len(set(changed)) == len(changed)
-    assert train_requests(job(trust_remote_code=True), prep(tmp_path))["reverse"].key() != key
+    assert train_requests(job(trust_remote_code=True), base_at(tmp_path / "base"), data_at(tmp_path))["reverse"].key() != key
     # how a run is tracked or resumed is not what it trains
     assert train_key(tmp_path, checkpoint_every=7, max_failures=0) == key
     # inputs by content key, not by where they lie
-    moved = {**prep(tmp_path), "base": "/elsewhere/base", "tokenizer": "/elsewhere/base"}
-    assert train_requests(job(), moved)["reverse"].key() == key
-    assert train_requests(job(), {**prep(tmp_path), "base_key": "other"})["reverse"].key() != key
+    assert train_requests(job(), base_at(Path("/elsewhere/base")), data_at(tmp_path / "moved"))["reverse"].key() == key
+    assert train_requests(job(), base_at(tmp_path / "base", "other"), data_at(tmp_path))["reverse"].key() != key
 
 
 def model_requests_for(tmp: Path, init_root: Path | None = None, **sections) -> dict:
@@ -116,7 +119,7 @@ def test_testbed_keys_cover_train_deepspeed_and_threads_and_chain_recipes(tmp_pa
 
 
 def test_where_a_job_writes_and_logs_is_not_in_its_key(tmp_path):
-    req = train_requests(job(), prep(tmp_path))["reverse"]
+    req = train_requests(job(), base_at(tmp_path / "base"), data_at(tmp_path))["reverse"]
     a, b = TrainJob(req, str(tmp_path / "a"), "sqlite:///x.db", "run1"), TrainJob(req, str(tmp_path / "b"))
     assert a.request.key() == b.request.key() == req.key()
 

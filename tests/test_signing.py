@@ -15,7 +15,9 @@ from graft.lora import load_with_adapter, read_lora_deltas
 from graft.signing import SIGNATURE, SignatureError, generate_keypair, verify_folder
 from graft.skillpack import PackSettings, SkillPack, pack_skill
 from graft.testbed.skills import generate
-from pipelines.context import RunContext, StageResult
+from pipelines.artifacts import Adapters, Base, Board, Datasets, Scores, Split
+from pipelines.cache import Ref
+from pipelines.context import RunContext
 from pipelines.spec import parse_job
 from pipelines.stages import graft as graft_stage
 from pipelines.stages import pack as pack_stage
@@ -61,25 +63,24 @@ def _context(tmp_path, base, adapter, graft: dict, pack: dict) -> RunContext:
     scores.mkdir(exist_ok=True)
     model = load_with_adapter(base, adapter)
     save_scores(SCORES.get("magnitude")(model, []).finalize(), scores / "scores.safetensors", "magnitude", 1)
-    results = {"testbed": StageResult("testbed", info={"base": str(base), "base_key": "base", "tokenizer": str(base),
-                                                        "data": {"reverse": {"train": str(data), "test": str(data), "key": "d"}}}),
-               "train": StageResult("train", outputs={"reverse": adapter}, keys={"reverse": "adapter"}),
-               "score": StageResult("score", outputs={"reverse": scores}, keys={"reverse": "scores"})}
-    return RunContext(spec, tmp_path / "job.yaml", tmp_path / "runs" / "signed", tracker, parent, frozenset(), results, log=lambda m: None)
+    board = Board([Base(Ref(str(base), "base"), Ref(str(base), "base")),
+                   Datasets({"reverse": Split(Ref(str(data), "d"), Ref(str(data), "d"))}),
+                   Adapters({"reverse": Ref(str(adapter), "adapter")}), Scores({"reverse": Ref(str(scores), "scores")})])
+    return RunContext(spec, tmp_path / "job.yaml", tmp_path / "runs" / "signed", tracker, parent, frozenset(), board, log=lambda m: None)
 
 
 def test_a_job_signs_its_packs_and_grafts_only_signed_ones(base_model, adapter, keys, tmp_path):
-    ctx = _context(tmp_path, base_model, adapter, graft={"require_signature": str(keys / "me.pub")},
+    ctx = _context(tmp_path, base_model, adapter, graft={"require_signature": str(keys / "me.pub"), "method": "protected"},
                    pack={"sign_key": str(keys / "me.key")})
     packed = pack_stage.run(ctx)
-    ctx.results["pack"] = packed
+    ctx.board.put(*packed.artifacts)
     verify_folder(packed.outputs["reverse"], keys / "me.pub")
-    grafted = graft_stage.run(ctx)
+    grafted = graft_stage.run(ctx)  # protected fusion: the score stage's maps reach it through the Scores artifact
     assert (grafted.outputs["grafted"] / "graftline_grafts.json").is_file()
 
     strict = _context(tmp_path, base_model, adapter, graft={"require_signature": str(keys / "other.pub")},
                       pack={"sign_key": str(keys / "me.key")})
-    strict.results["pack"] = pack_stage.run(strict)  # the same pack: reused
+    strict.board.put(*pack_stage.run(strict).artifacts)  # the same pack: reused
     with pytest.raises(SignatureError, match="does not verify with .*other.pub"):
         graft_stage.run(strict)
     runs = strict.tracker.client.search_runs([strict.tracker.experiment_id], "tags.`graftline.stage` = 'graft'")

@@ -1,6 +1,14 @@
-"""The pipeline's stages, in the order the driver runs them; each module exposes NAME and run(ctx)."""
+"""The pipeline's stages by name. Each stage module declares its contract and does one job:
+
+- `NAME`: the stage's name in recipes, MLflow runs and output folders;
+- `READS` / `WRITES`: the artifact types (`pipelines.artifacts`) it takes from the board and adds to it;
+- `SECTIONS`: the job spec sections it reads (a job's MLflow params hold only its recipe's);
+- `run(ctx) -> StageResult`: builds a typed request per output item (its hash is the item's content
+  key), runs it (fanned out on Ray where it pays), and returns what it wrote in `StageResult.artifacts`.
+"""
+
+from types import ModuleType
 
 from pipelines.stages import evaluate, graft, pack, score, testbed, train
 
-STAGES = [testbed, train, score, pack, graft, evaluate]
-STAGE_NAMES = [s.NAME for s in STAGES]
+STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, train, score, pack, graft, evaluate)}

@@ -1,5 +1,7 @@
 """Stage `evaluate`: per-skill exact-match accuracy of the base, each expert and the grafted model.
 
+Reads `Base`, `Datasets`, `Adapters`, `Grafted`; writes `Report`.
+
 One Ray task per model scores every skill's held-out split by batched greedy generation. Output:
 `<root>/evaluate/report-<key>/eval.json` ({model: {skill: accuracy}}) and `eval.png`; both are
 logged to the stage's run and to the job's parent run, with each accuracy as a metric.
@@ -13,13 +15,17 @@ from pathlib import Path
 
 import torch
 
+from pipelines.artifacts import Adapters, Base, Datasets, Grafted, Report
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.report import accuracy_chart, accuracy_table
 from pipelines.spec import EvaluateSpec
-from pipelines.stages.inputs import base_ref, data_ref, digest_cache, tokenizer_ref
+from pipelines.stages.inputs import digest_cache
 
 NAME = "evaluate"
+READS = (Base, Datasets, Adapters, Grafted)
+WRITES = (Report,)
+SECTIONS = ("evaluate",)
 
 
 @dataclass(frozen=True)
@@ -58,12 +64,12 @@ def run(ctx: RunContext) -> StageResult:
     import ray
 
     spec, ev = ctx.spec, ctx.spec.evaluate
-    prep, trained, grafted = ctx.results["testbed"].info, ctx.results["train"], ctx.results["graft"]
-    skills = [s.name for s in spec.skills] + (["general"] if "general" in prep["data"] and spec.base == "testbed" else [])
-    models: list[tuple[str, Ref, Ref | None]] = [("base", base_ref(prep), None)]
-    models += [(f"expert-{s.name}", base_ref(prep), Ref(str(trained.outputs[s.name]), trained.keys[s.name])) for s in spec.skills]
-    models.append(("grafted", Ref(str(grafted.outputs["grafted"]), grafted.keys["grafted"]), None))
-    req = EvaluateRequest(models=tuple(models), tokenizer=tokenizer_ref(prep), tests=tuple((s, data_ref(prep, s, "test")) for s in skills),
+    base, data, adapters = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Adapters)
+    skills = [s.name for s in spec.skills] + (["general"] if "general" in data and spec.base == "testbed" else [])
+    models: list[tuple[str, Ref, Ref | None]] = [("base", base.model, None)]
+    models += [(f"expert-{s.name}", base.model, adapters[s.name]) for s in spec.skills]
+    models.append(("grafted", ctx.board.get(Grafted).model, None))
+    req = EvaluateRequest(models=tuple(models), tokenizer=base.tokenizer, tests=tuple((s, data[s].test) for s in skills),
                           settings=ev, trust_remote_code=spec.trust_remote_code)
     result = StageResult(NAME)
 
@@ -77,12 +83,13 @@ def run(ctx: RunContext) -> StageResult:
         (tmp / "eval.txt").write_text(accuracy_table(table) + "\n")
         return {f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()}
 
-    out = ctx.run_item(NAME, "report", content_key(req), {"models": [m[0] for m in models], "skills": skills, **ev.model_dump(mode="json")},
+    key = content_key(req)
+    out = ctx.run_item(NAME, "report", key, {"models": [m[0] for m in models], "skills": skills, **ev.model_dump(mode="json")},
                        build, result)
     table = json.loads((out / "eval.json").read_text())
     for name in ("eval.json", "eval.png", "eval.txt"):
         ctx.parent.artifact(out / name, "report")
     ctx.parent.metrics({f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()})
-    result.info["table"] = table
+    result.artifacts.append(Report(Ref(str(out), key), table))
     result.metrics = {f"grafted.{s}": table["grafted"][s] for s in skills}
     return result

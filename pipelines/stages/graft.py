@@ -1,5 +1,7 @@
 """Stage `graft`: the driver fuses every skill's SkillPack into the base and writes an HF checkpoint.
 
+Reads `Base`, `Datasets` (router prompts), `Packs`, `Scores` ('protected'); writes `Grafted`.
+
 The fusion method comes from `graft.method` (graft.fusion.FUSIONS): 'additive'; 'protected'
 (importance-protected, using the score stage's maps so later skills do not overwrite what earlier ones
 need); or 'routed' (a router trained on each skill's training prompts and on `graft.router_none`
@@ -24,13 +26,17 @@ from graft.model_checks import check_checkpoint
 from graft.routing import is_routed, read_routed_manifest
 from graft.signing import verify_folder
 from graft.skillpack import SkillPack
+from pipelines.artifacts import Base, Datasets, Grafted, Packs, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.spec import GraftSpec
+from pipelines.stages.inputs import digest_cache, file_ref
 from pipelines.tracking import write_json_artifact
-from pipelines.stages.inputs import base_ref, data_ref, digest_cache, file_ref, tokenizer_ref
 
 NAME = "graft"
+READS = (Base, Datasets, Packs, Scores)
+WRITES = (Grafted,)
+SECTIONS = ("graft",)
 
 
 @dataclass(frozen=True)
@@ -49,16 +55,16 @@ class GraftRequest:
 
 def run(ctx: RunContext) -> StageResult:
     spec, g = ctx.spec, ctx.spec.graft
-    prep, packed, scored = ctx.results["testbed"].info, ctx.results["pack"], ctx.results["score"]
+    base, data, packs, scored = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Packs), ctx.board.get(Scores)
     result = StageResult(NAME)
     names = [s.name for s in spec.skills]
     prompts: dict[str, Ref] = {}
     if g.method == "routed":
-        prompts = {n: data_ref(prep, n) for n in names}
-        prompts["none"] = data_ref(prep, g.router_none) if g.router_none in prep["data"] else file_ref(g.router_none)
-    scores = tuple(Ref(str(scored.outputs[n] / "scores.safetensors"), scored.keys[n]) for n in names)
+        prompts = {n: data[n].train for n in names}
+        prompts["none"] = data[g.router_none].train if g.router_none in data else file_ref(g.router_none)
+    scores = tuple(Ref(str(Path(scored[n].path) / "scores.safetensors"), scored[n].key) for n in names)
     req = GraftRequest(
-        base=base_ref(prep), tokenizer=tokenizer_ref(prep), packs=tuple((n, Ref(str(packed.outputs[n]), packed.keys[n])) for n in names),
+        base=base.model, tokenizer=base.tokenizer, packs=tuple((n, packs[n]) for n in names),
         scores=scores if g.method == "protected" else None,
         router_prompts=tuple(prompts.items()), settings=g.model_copy(update={"require_signature": None}),
         verifier=file_ref(g.require_signature) if g.require_signature else None, seed=spec.seed)
@@ -80,8 +86,10 @@ def run(ctx: RunContext) -> StageResult:
         write_json_artifact(run, report, "graft.json")
         return {"skills": len(packs)}
 
-    out = ctx.run_item(NAME, "grafted", content_key(req), {"skills": names, **spec.graft.model_dump(mode="json")}, build, result)
+    key = content_key(req)
+    out = ctx.run_item(NAME, "grafted", key, {"skills": names, **spec.graft.model_dump(mode="json")}, build, result)
     ctx.parent.tags({"graftline.grafted_checkpoint": str(out)})
+    result.artifacts.append(Grafted(Ref(str(out), key)))
     return result
 
 

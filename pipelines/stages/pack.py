@@ -23,12 +23,16 @@ from graft.importance import load_scores, module_summary
 from graft.lora import read_lora_deltas
 from graft.signing import sign_folder
 from graft.skillpack import SkillPack
+from pipelines.artifacts import Adapters, Base, Datasets, Packs, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.spec import PackSpec
-from pipelines.stages.inputs import base_ref, data_ref, file_ref, replay_ref, tokenizer_ref
+from pipelines.stages.inputs import file_ref, replay_ref
 
 NAME = "pack"
+READS = (Base, Datasets, Adapters, Scores)
+WRITES = (Packs,)
+SECTIONS = ("pack", "train")  # train.replay_*, max_length: calibration rows are the mix the expert was trained on
 CALIBRATION_BATCH = 32
 
 
@@ -55,17 +59,19 @@ class PackRequest:
 
 def run(ctx: RunContext) -> StageResult:
     spec, pk = ctx.spec, ctx.spec.pack
-    prep, trained, scored = ctx.results["testbed"].info, ctx.results["train"], ctx.results["score"]
+    base, data = ctx.board.get(Base), ctx.board.get(Datasets)
+    adapters, scored = ctx.board.get(Adapters), ctx.board.get(Scores)
     settings = pk.settings()
     result = StageResult(NAME)
+    keys = {}
     for s in spec.skills:
         req = PackRequest(
-            skill=s.name, base=base_ref(prep), adapter=Ref(str(trained.outputs[s.name]), trained.keys[s.name]),
-            scores=Ref(str(scored.outputs[s.name] / "scores.safetensors"), scored.keys[s.name]),
+            skill=s.name, base=base.model, adapter=adapters[s.name],
+            scores=Ref(str(Path(scored[s.name].path) / "scores.safetensors"), scored[s.name].key),
             settings=pk.model_copy(update={"sign_key": None}),
             signer=file_ref(pk.sign_key) if pk.sign_key else None,
-            tokenizer=tokenizer_ref(prep) if pk.calibrate else None, data=data_ref(prep, s.name) if pk.calibrate else None,
-            replay=replay_ref(prep, spec.train.replay_data, spec.train.replay_fraction) if pk.calibrate else None,
+            tokenizer=base.tokenizer if pk.calibrate else None, data=data[s.name].train if pk.calibrate else None,
+            replay=replay_ref(data, spec.train.replay_data, spec.train.replay_fraction) if pk.calibrate else None,
             replay_fraction=spec.train.replay_fraction, max_length=spec.train.max_length, trust_remote_code=spec.trust_remote_code)
 
         def build(tmp: Path, run, req=req) -> dict[str, float]:
@@ -95,7 +101,9 @@ def run(ctx: RunContext) -> StageResult:
                     "bytes_ratio": m["total_bytes"] / m["delta_bf16_bytes"], "tensors": len(kept),
                     "mean_rank": sum(e.get("rank", 0) for e in m["tensors"].values()) / max(1, len(kept)), **tuned}
 
-        ctx.run_item(NAME, s.name, content_key(req), {"skill": s.name, **pk.model_dump(mode="json")}, build, result)
+        keys[s.name] = content_key(req)
+        ctx.run_item(NAME, s.name, keys[s.name], {"skill": s.name, **pk.model_dump(mode="json")}, build, result)
+    result.artifacts.append(Packs({name: Ref(str(result.outputs[name]), key) for name, key in keys.items()}))
     return result
 
 

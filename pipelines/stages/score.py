@@ -1,7 +1,8 @@
 """Stage `score`: per-parameter importance of each skill's expert, fanned out as Ray tasks.
 
-One Ray task per (skill, data shard) computes partial sums of the chosen score (default: the
-Fisher diagonal) on the base with the skill's adapter merged in; the driver adds the partials
+Reads `Base`, `Datasets`, `Adapters`; writes `Scores`. One Ray task per (skill, data shard) computes
+partial sums of the chosen score (default: the Fisher diagonal) on the base with the skill's adapter
+merged in; the driver adds the partials
 (exact: sums and counts) and writes `<root>/score/<skill>-<key>/scores.safetensors` and
 `summary.json` (per-tensor share of the importance mass).
 """
@@ -16,11 +17,14 @@ import numpy as np
 import torch
 
 from graft.importance import ImportancePartial, module_summary, save_scores
+from pipelines.artifacts import Adapters, Base, Datasets, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
-from pipelines.stages.inputs import base_ref, data_ref, tokenizer_ref
 
 NAME = "score"
+READS = (Base, Datasets, Adapters)
+WRITES = (Scores,)
+SECTIONS = ("score", "train")  # train.max_length: the expert is scored on rows cut as it was trained
 
 
 @dataclass(frozen=True)
@@ -68,14 +72,14 @@ def run(ctx: RunContext) -> StageResult:
     import ray
 
     spec, sc = ctx.spec, ctx.spec.score
-    prep, trained = ctx.results["testbed"].info, ctx.results["train"]
+    base, data, adapters = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Adapters)
     result = StageResult(NAME)
     remote = ray.remote(num_cpus=1)(score_shard_on_node)
     pending: dict[str, list] = {}
     requests = {s.name: ScoreRequest(
-        base=base_ref(prep), adapter=Ref(str(trained.outputs[s.name]), trained.keys[s.name]), tokenizer=tokenizer_ref(prep),
-        data=data_ref(prep, s.name), method=sc.method, shards=sc.shards, examples=sc.examples, batch_size=sc.batch_size,
-        max_length=spec.train.max_length, trust_remote_code=spec.trust_remote_code) for s in spec.skills}
+        base=base.model, adapter=adapters[s.name], tokenizer=base.tokenizer, data=data[s.name].train, method=sc.method,
+        shards=sc.shards, examples=sc.examples, batch_size=sc.batch_size, max_length=spec.train.max_length,
+        trust_remote_code=spec.trust_remote_code) for s in spec.skills}
     keys = {name: content_key(req) for name, req in requests.items()}
 
     def submit(skill: str) -> list:
@@ -105,4 +109,5 @@ def run(ctx: RunContext) -> StageResult:
                     "total_mass": float(sum(v.sum() for v in scores.values()))}
 
         ctx.run_item(NAME, s.name, keys[s.name], {"skill": s.name, **sc.model_dump(mode="json")}, build, result)
+    result.artifacts.append(Scores({name: Ref(str(result.outputs[name]), keys[name]) for name in keys}))
     return result

@@ -1,6 +1,7 @@
-"""Stage `testbed`: the embedded default's data and models, built from nothing.
+"""Stage `testbed`: the job's inputs — the embedded default's data and models built from nothing, or the user's.
 
-Inputs: the job's `testbed` section and skill list. Outputs (under `<root>/testbed/`):
+Reads nothing; writes `Base`, `Datasets` and `Models`; uses the `testbed` section and, for training the
+testbed models, `train` (DeepSpeed overrides, workers, checkpoints). Outputs (under `<root>/testbed/`):
 - `data-<skill>-s<seed>-<key>/{train,test}.jsonl` for every testbed skill the job or a model needs;
 - when `base: testbed`, the models `testbed.models` names (base-v1 at least; see
   `graft.testbed.recipes`), each an HF checkpoint folder, all trained in one Ray Train run through
@@ -25,6 +26,7 @@ from graft.testbed.models import init_model, model_config
 from graft.testbed.recipes import DataRef, Recipe, testbed_recipes
 from graft.testbed.skills import SKILLS, generate
 from graft.testbed.tokenizer import save_char_tokenizer
+from pipelines.artifacts import Base, Checkpoint, Datasets, Models, Split
 from pipelines.cache import Ref, content_key, file_digest, folder_identity
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.spec import JobSpec
@@ -32,6 +34,9 @@ from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_confi
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training
 
 NAME = "testbed"
+READS: tuple[type, ...] = ()
+WRITES = (Base, Datasets, Models)
+SECTIONS = ("testbed", "train")
 GENERATOR_VERSION = 3
 
 
@@ -74,27 +79,33 @@ def run(ctx: RunContext) -> StageResult:
         refs += [r.data] + ([r.replay] if r.replay else [])
     data = _data(ctx, refs, result)
     result.metrics.clear()  # the summary's headline metrics are the models', not the data files'
-    # what the later stages see by skill name: the job's own skill sets win over sets made for a model recipe
-    by_skill = {ref.skill: data[ref] for ref in reversed(refs) if ref.seed == spec.seed}
+    # what the later stages see by name: the job's own skill sets win over sets made for a model recipe
+    by_name = {ref.skill: _split(data[ref]) for ref in reversed(refs) if ref.seed == spec.seed}
     for s in spec.skills:
         if s.train is not None:
-            by_skill[s.name] = {"train": str(s.train.resolve()), "test": str(s.eval.resolve()),
-                                "key": content_key(file_digest(s.train), file_digest(s.eval))}
-    result.info["data"] = by_skill
-
+            key = content_key(file_digest(s.train), file_digest(s.eval))
+            by_name[s.name] = Split(Ref(str(s.train.resolve()), f"{key}:train"), Ref(str(s.eval.resolve()), f"{key}:test"))
+    models: dict[str, Checkpoint] = {}
     if recipes:
-        models = _models(ctx, recipes, data, result)
-        result.info["models"] = {m: str(p) for m, p in models.items()}
-        result.info["base"], result.info["base_key"] = str(models["base-v1"]), result.keys["base-v1"]
+        paths = _models(ctx, recipes, data, result)
+        models = {m: Checkpoint(Ref(str(p), result.keys[m]), Ref(str(p), result.keys[m])) for m, p in paths.items()}
+        model = models["base-v1"].model
     else:
         base = Path(spec.base).expanduser()
         if not base.is_dir():
             from huggingface_hub import snapshot_download
 
             base = Path(snapshot_download(spec.base, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
-        result.info["base"], result.info["base_key"] = str(base.resolve()), folder_identity(base)
-    result.info["tokenizer"] = str(Path(spec.tokenizer).resolve()) if spec.tokenizer else result.info["base"]
+        model = Ref(str(base.resolve()), folder_identity(base))
+    tokenizer = model
+    if spec.tokenizer:
+        tokenizer = Ref(str(Path(spec.tokenizer).resolve()), folder_identity(Path(spec.tokenizer).expanduser()))
+    result.artifacts += [Base(model, tokenizer), Datasets(by_name), Models(models)]
     return result
+
+
+def _split(files: dict[str, str]) -> Split:
+    return Split(Ref(files["train"], f"{files['key']}:train"), Ref(files["test"], f"{files['key']}:test"))
 
 
 def model_requests(spec: JobSpec, recipes: list[Recipe], data: dict, init_root: Path,

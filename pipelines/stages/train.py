@@ -1,6 +1,6 @@
 """Stage `train`: one LoRA adapter per skill, all trained in one Ray Train run driving DeepSpeed ZeRO.
 
-Inputs: the base model and each skill's training JSONL (from `testbed`), the job's `train` section.
+Reads `Base` and `Datasets`; writes `Adapters`; uses the job's `train` section.
 Each skill's `TrainRequest` holds everything its adapter depends on (inputs by content key, the
 effective DeepSpeed config resolved here on the driver, every setting), and its content key is the
 output's. The skills train one after another in the same worker group, so the group's start-up (tens
@@ -17,13 +17,18 @@ from __future__ import annotations
 import json
 
 from graft.model_checks import check_adapter, check_lora_targets
+from pipelines.artifacts import Adapters, Base, Datasets
+from pipelines.cache import Ref
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.spec import JobSpec, TrainSpec
-from pipelines.stages.inputs import base_ref, data_ref, replay_ref, tokenizer_ref
+from pipelines.stages.inputs import replay_ref
 from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training
 
 NAME = "train"
+READS = (Base, Datasets)
+WRITES = (Adapters,)
+SECTIONS = ("train",)
 
 
 def adapter_deepspeed(tr: TrainSpec) -> dict:
@@ -33,13 +38,13 @@ def adapter_deepspeed(tr: TrainSpec) -> dict:
                                   overrides=tr.deepspeed)
 
 
-def train_requests(spec: JobSpec, prep: dict) -> dict[str, TrainRequest]:
-    """Each skill's whole training request, from the testbed stage's outputs (`prep`) and the job's `train` section."""
+def train_requests(spec: JobSpec, base: Base, data: Datasets) -> dict[str, TrainRequest]:
+    """Each skill's whole training request, from the base, the job's datasets and its `train` section."""
     tr = spec.train
-    base, tokenizer, deepspeed = base_ref(prep), tokenizer_ref(prep), adapter_deepspeed(tr)
-    replay = replay_ref(prep, tr.replay_data, tr.replay_fraction)
+    deepspeed = adapter_deepspeed(tr)
+    replay = replay_ref(data, tr.replay_data, tr.replay_fraction)
     return {s.name: TrainRequest(
-        model=base, tokenizer=tokenizer, data=data_ref(prep, s.name), mode="lora", steps=tr.steps, batch_size=tr.batch_size,
+        model=base.model, tokenizer=base.tokenizer, data=data[s.name].train, mode="lora", steps=tr.steps, batch_size=tr.batch_size,
         seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=tr.accelerator, threads_per_worker=tr.cpus_per_worker,
         max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, lora=tr.lora.model_dump(mode="json"),
         trust_remote_code=spec.trust_remote_code) for s in spec.skills}
@@ -47,14 +52,14 @@ def train_requests(spec: JobSpec, prep: dict) -> dict[str, TrainRequest]:
 
 def run(ctx: RunContext) -> StageResult:
     spec, tr = ctx.spec, ctx.spec.train
-    prep = ctx.results["testbed"].info
+    base = ctx.board.get(Base)
     result = StageResult(NAME)
-    reqs = train_requests(spec, prep)
+    reqs = train_requests(spec, base, ctx.board.get(Datasets))
     params = tr.model_dump(mode="json")
     items = [Item(name, req.key(), {"skill": name, **params, "deepspeed.zero_stage": req.zero_stage}) for name, req in reqs.items()]
 
     def build(todo) -> dict[str, dict[str, float]]:
-        check_lora_targets(prep["base"], tr.lora.target_modules, trust_remote_code=spec.trust_remote_code)
+        check_lora_targets(base.model.path, tr.lora.target_modules, trust_remote_code=spec.trust_remote_code)
         jobs = []
         for name, (tmp, run) in todo.items():
             req = reqs[name]
@@ -77,5 +82,6 @@ def run(ctx: RunContext) -> StageResult:
                              "steps_per_second": info["steps_per_second"]}
         return metrics
 
-    ctx.run_items(NAME, items, build, result)
+    paths = ctx.run_items(NAME, items, build, result)
+    result.artifacts.append(Adapters({name: Ref(str(path), reqs[name].key()) for name, path in paths.items()}))
     return result

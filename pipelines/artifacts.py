@@ -1,0 +1,136 @@
+"""The typed artifacts stages hand each other: what a stage reads and writes, never a dict of strings.
+
+Each artifact is a small frozen dataclass of `pipelines.cache.Ref`s (where a thing is, and its
+content key). A stage declares the artifact types it reads and writes (`READS`, `WRITES`); the driver
+keeps one `Board` per job, wires stages by type, and a recipe whose stage reads a type no earlier stage
+writes is refused before anything runs (`pipelines.recipes.check_recipe`). A request that holds an
+artifact hashes it by its Refs' keys, so an artifact's identity is its content, not its location.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from pipelines.cache import Ref
+
+
+class MissingArtifact(KeyError):
+    """A stage asked the board for an artifact no earlier stage wrote."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A causal LM folder and the tokenizer that goes with it."""
+
+    model: Ref
+    tokenizer: Ref
+
+
+@dataclass(frozen=True)
+class Base(Checkpoint):
+    """The model a job trains adapters on, packs skills against and grafts them into."""
+
+
+@dataclass(frozen=True)
+class Models:
+    """Other checkpoints the job's inputs stage built or named, by name (the testbed's base-v2, source-hetero, ...)."""
+
+    by_name: Mapping[str, Checkpoint]
+
+    def __getitem__(self, name: str) -> Checkpoint:
+        if name not in self.by_name:
+            raise MissingArtifact(f"no model {name!r}; the job has {', '.join(sorted(self.by_name)) or 'none'}")
+        return self.by_name[name]
+
+
+@dataclass(frozen=True)
+class Split:
+    """One prompt/answer dataset: its training and held-out JSONL files."""
+
+    train: Ref
+    test: Ref
+
+
+@dataclass(frozen=True)
+class Datasets:
+    """Every dataset of the job by name: its skills', and the others stages use (`general`, replay, router prompts)."""
+
+    by_name: Mapping[str, Split]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.by_name
+
+    def __getitem__(self, name: str) -> Split:
+        if name not in self.by_name:
+            raise MissingArtifact(f"no dataset {name!r}; the job has {', '.join(sorted(self.by_name))}")
+        return self.by_name[name]
+
+
+@dataclass(frozen=True)
+class PerSkill:
+    """One output folder per skill (`Ref` by skill name)."""
+
+    by_skill: Mapping[str, Ref]
+
+    def __getitem__(self, skill: str) -> Ref:
+        if skill not in self.by_skill:
+            raise MissingArtifact(f"no {type(self).__name__.lower()} for skill {skill!r}")
+        return self.by_skill[skill]
+
+
+@dataclass(frozen=True)
+class Adapters(PerSkill):
+    """A PEFT adapter folder per skill, trained on the `Base`."""
+
+
+@dataclass(frozen=True)
+class Scores(PerSkill):
+    """A folder per skill holding `scores.safetensors` (per-parameter importance) and `summary.json`."""
+
+
+@dataclass(frozen=True)
+class Packs(PerSkill):
+    """A SkillPack folder per skill."""
+
+
+@dataclass(frozen=True)
+class Grafted:
+    """The base with the job's packs in it: a checkpoint folder, or a routed-model folder."""
+
+    model: Ref
+
+
+@dataclass(frozen=True)
+class Report:
+    """The evaluation report folder (`eval.json`, `eval.txt`, `eval.png`) and its table {model: {skill: accuracy}}."""
+
+    folder: Ref
+    table: Mapping[str, Mapping[str, float]]
+
+
+A = TypeVar("A")
+
+
+class Board:
+    """The artifacts of one job so far, one of each type; stages read by type and the driver adds what they write."""
+
+    def __init__(self, artifacts: Iterable[object] = ()) -> None:
+        self._by_type: dict[type, object] = {}
+        self.put(*artifacts)
+
+    def put(self, *artifacts: object) -> None:
+        for artifact in artifacts:
+            self._by_type[type(artifact)] = artifact
+
+    def get(self, kind: type[A]) -> A:
+        if kind not in self._by_type:
+            raise MissingArtifact(f"no {kind.__name__} artifact: no stage before this one writes it")
+        return self._by_type[kind]  # type: ignore[return-value]
+
+    def has(self, kind: type) -> bool:
+        return kind in self._by_type
+
+    def types(self) -> list[type]:
+        return list(self._by_type)
