@@ -18,7 +18,7 @@ from graft.data import read_jsonl
 from graft.evaluation import exact_match
 from graft.importance import load_scores
 from graft.lora import LowRankDelta, read_lora_deltas
-from pipelines.artifacts import Adapters, Base, Datasets, Packs, Scores
+from pipelines.artifacts import Experts, Base, Datasets, Packs, Scores
 from pipelines.driver import run_job
 from pipelines.spec import JobSpec, load_job
 
@@ -51,7 +51,7 @@ def load_testbed(job: str | Path) -> Testbed:
     spec = load_job(job)
     board = run_job(spec, Path(job)).board
     base, data = board.get(Base), board.get(Datasets)
-    adapters, scores, packs = board.get(Adapters), board.get(Scores), board.get(Packs)
+    adapters, scores, packs = board.get(Experts), board.get(Scores), board.get(Packs)
     skills = [s.name for s in spec.skills]
     return Testbed(
         spec=spec, base=base.model.path, tokenizer_path=base.tokenizer.path, tokenizer=AutoTokenizer.from_pretrained(base.tokenizer.path),

@@ -36,6 +36,7 @@ from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
 from graft.fusion import protected_tensors  # noqa: E402
 from graft.expert_packing import pack_expert  # noqa: E402
+from graft.experts import Expert  # noqa: E402
 from graft.grafting import grafted_tensors  # noqa: E402
 from graft.routing import NONE, build_routed  # noqa: E402
 from graft.skillpack import PackSettings, SkillPack  # noqa: E402
@@ -48,7 +49,7 @@ TUNE_STEPS = 40
 def small_pack(tb, skill: str) -> SkillPack:
     """The skill's expert packed to 1/15 of its bf16 delta (SMALL), grids tuned to the expert."""
     deltas = tb.experts[skill]
-    return pack_expert(skill, tb.base, tb.adapters[skill], deltas, SMALL, calibration_batches=calibration_batches(tb, skill),
+    return pack_expert(skill, tb.base, Expert(tb.adapters[skill]), deltas, SMALL, calibration_batches=calibration_batches(tb, skill),
                        importance={k: tb.scores[skill][k] for k in deltas}, tune_steps=TUNE_STEPS)
 
 

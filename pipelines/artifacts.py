@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
+from graft.experts import Expert
 from pipelines.cache import Ref
 
 
@@ -81,8 +83,14 @@ class PerSkill:
 
 
 @dataclass(frozen=True)
-class Adapters(PerSkill):
-    """A PEFT adapter folder per skill, trained on the `Base`."""
+class Experts(PerSkill):
+    """An expert folder per skill, trained from the `Base`: PEFT adapters, or fine-tuned checkpoints (`kind`,
+    a `graft.experts.EXPERT_KINDS` name, the same for every skill of a job)."""
+
+    kind: str = "lora"
+
+    def expert(self, skill: str) -> Expert:
+        return Expert(Path(self[skill].path), self.kind)
 
 
 @dataclass(frozen=True)

@@ -39,14 +39,16 @@ def _load_packs(folders: list[str], verify_key: str | None) -> list:
 
 def cmd_pack(args: argparse.Namespace) -> int:
     from graft.expert_packing import pack_expert
+    from graft.experts import Expert
     from graft.importance import load_scores
-    from graft.lora import read_lora_deltas
     from graft.skillpack import PackSettings
 
-    inputs = (args.adapter, args.base, args.importance, args.calibration_data, args.tokenizer)
+    inputs = (args.expert, args.base, args.importance, args.calibration_data, args.tokenizer)
     _check_out(args, *inputs)
-    deltas = read_lora_deltas(args.adapter)
+    expert = Expert(Path(args.expert), args.kind)
+    deltas = expert.deltas(args.base)
     settings = PackSettings(energy=args.energy, bits=tuple(args.bits), band_fractions=tuple(args.band_fractions),
+                            keep_fraction=args.keep_fraction,
                             budget=args.budget, quantizer=args.quantizer, weighted_svd=args.weighted_svd, allocation=args.allocation)
     if (settings.needs_calibration or args.tune_steps) and not args.calibration_data:
         raise ValueError(f"--quantizer {args.quantizer}{' --weighted-svd' if args.weighted_svd else ''}"
@@ -54,8 +56,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     batches = None
     if args.calibration_data:
         batches = _labelled_batches(args.tokenizer or args.base, args.calibration_data, args.calibration_examples, args.max_length, 32)
-    source = {"adapter": str(Path(args.adapter).resolve()), "base": str(Path(args.base).resolve())}
-    pack = pack_expert(args.skill or Path(args.adapter).name, args.base, args.adapter, deltas, settings, calibration_batches=batches,
+    source = {"expert": str(Path(args.expert).resolve()), "expert_kind": args.kind, "base": str(Path(args.base).resolve())}
+    pack = pack_expert(args.skill or Path(args.expert).name, args.base, expert, deltas, settings, calibration_batches=batches,
                        importance=load_scores(args.importance) if args.importance else None, source=source,
                        tune_steps=args.tune_steps, tune_lr=args.tune_lr)
     pack.save(args.out, overwrite=args.overwrite, inputs=_inputs(*inputs), sign_with=args.sign)
@@ -75,17 +77,17 @@ def _labelled_batches(tokenizer: str, data: str, examples: int, max_length: int,
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """Importance scores of an expert (base + adapter) on its data, in one process (the score stage fans this out)."""
+    """Importance scores of an expert on its data, in one process (the score stage fans this out)."""
     import json
 
     from graft.atomic import atomic_dir
+    from graft.experts import Expert
     from graft.importance import SCORES, module_summary, save_scores
-    from graft.lora import load_with_adapter
 
-    inputs = _inputs(args.adapter, args.base, args.data, args.tokenizer)
+    inputs = _inputs(args.expert, args.base, args.data, args.tokenizer)
     _check_out(args, *inputs)
     score = SCORES.get(args.method)
-    model = load_with_adapter(args.base, args.adapter)
+    model = Expert(Path(args.expert), args.kind).load(args.base)
     batches = _labelled_batches(args.tokenizer or args.base, args.data, args.examples, args.max_length, args.batch_size)
     partial = score(model, batches)
     scores = partial.finalize()
@@ -207,6 +209,12 @@ def _left_padded_tokenizer(folder: str):
     return tok
 
 
+def _expert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("expert", help="the expert: a PEFT LoRA adapter folder, or with --kind full a fine-tuned checkpoint of --base")
+    parser.add_argument("--kind", default="lora",
+                        help="lora: an adapter on --base; full: a fully fine-tuned checkpoint (its delta is taken against --base)")
+
+
 def cmd_merge_adapters(args: argparse.Namespace) -> int:
     from graft.adapter_merge import merge_adapters
 
@@ -273,14 +281,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--seed", type=int, default=0, help="for DARE's random drop")
     m.set_defaults(fn=cmd_merge_adapters)
 
-    p = sub.add_parser("pack", help="pack a LoRA adapter into a SkillPack")
-    p.add_argument("adapter", help="PEFT LoRA adapter folder")
-    p.add_argument("--base", required=True, help="the base checkpoint folder the adapter was trained on")
+    p = sub.add_parser("pack", help="pack an expert (a LoRA adapter, or a fully fine-tuned checkpoint) into a SkillPack")
+    _expert_args(p)
+    p.add_argument("--base", required=True, help="the base checkpoint folder the expert was trained from")
     _writes(p, "the SkillPack folder")
     p.add_argument("--sign", metavar="KEY", help="sign the pack with this private key (PEM; `graft keygen` makes one)")
-    p.add_argument("--skill", help="skill name (default: the adapter folder's name)")
+    p.add_argument("--skill", help="skill name (default: the expert folder's name)")
     p.add_argument("--energy", type=float, default=0.99, help="β: fraction of Σσ² the kept rank holds")
     p.add_argument("--bits", type=int, nargs="+", default=[8, 4])
+    p.add_argument("--keep-fraction", type=float, default=0.1, help="α: fraction of each embedding / LM head delta's entries kept")
     p.add_argument("--band-fractions", type=float, nargs="+", default=[0.5, 0.5])
     p.add_argument("--budget", type=float, help="at most this fraction of the bf16 delta's bytes (ranks allocated across matrices; "
                    "replaces --energy), e.g. 0.0667 for 1/15")
@@ -298,8 +307,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="tokenizer folder for the calibration data (default: --base)")
     p.set_defaults(fn=cmd_pack)
 
-    sc = sub.add_parser("score", help="importance scores of an expert (base + LoRA adapter) on its data")
-    sc.add_argument("adapter", help="PEFT LoRA adapter folder")
+    sc = sub.add_parser("score", help="importance scores of an expert (base + LoRA adapter, or a fine-tuned checkpoint) on its data")
+    _expert_args(sc)
     sc.add_argument("--base", required=True)
     sc.add_argument("--data", required=True, help="JSONL of prompt/answer rows")
     _writes(sc, "folder for scores.safetensors and summary.json")

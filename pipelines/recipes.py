@@ -75,7 +75,8 @@ def _unknown(name: str) -> Recipe:
 
 def check_job(spec: JobSpec, source: str) -> Recipe:
     """The job's recipe, or SpecError (one line per problem, naming `source`): a recipe that does not exist
-    or cannot run, or a section the job sets that its recipe never reads."""
+    or cannot run, a section the job sets that its recipe never reads, or what a stage of it finds wrong
+    across sections (a stage module's optional `problems(spec)`)."""
     try:
         recipe = recipe_of(spec.recipe)
     except ValueError as e:
@@ -84,6 +85,9 @@ def check_job(spec: JobSpec, source: str) -> Recipe:
     idle = [s for s in SPEC_SECTIONS if s in spec.model_fields_set and s not in used]
     if idle:
         raise SpecError([f"{source}: {s}: not used by recipe {recipe.name!r} (its stages: {', '.join(recipe.stages)})" for s in idle])
+    problems = [f"{source}: {p}" for m in recipe.modules() if hasattr(m, "problems") for p in m.problems(spec)]
+    if problems:
+        raise SpecError(problems)
     return recipe
 
 
@@ -99,3 +103,6 @@ def describe(recipe: Recipe) -> str:
 
 _register(Recipe("graft", ("testbed", "train", "score", "pack", "graft", "evaluate"),
                  "GraftLLM SkillPacks: a LoRA expert per skill, importance-scored, packed, grafted into the base, evaluated"))
+_register(Recipe("transfer", ("testbed", "distill", "train", "score", "pack", "graft", "evaluate"),
+                 "GraftLLM cross-model transfer: a source model of another family answers the skill's prompts, the base "
+                 "learns from the checked answers (LoRA or full SFT), and its own delta is packed and grafted"))

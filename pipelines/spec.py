@@ -24,6 +24,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from graft.artifacts import safe_name
 from graft.checkpoint import CheckpointError, weight_files
+from graft.distill import CHECKERS
 from graft.fusion import FUSIONS
 from graft.importance import SCORES
 from graft.quantize import QUANTIZERS, VALID_BITS
@@ -98,6 +99,28 @@ class TestbedSpec(Strict):
     eval_examples: int = Field(200, gt=0, description="held-out examples written per skill")
 
 
+class DistillSpec(Strict):
+    """GraftLLM's first step (methods.md §1.1): a source model answers each skill's training prompts, and the
+    answers that pass the checker become the data the target (the base) trains on."""
+
+    source: str = Field("testbed:source-hetero", description="testbed:NAME (a model the testbed stage builds, listed in "
+                        "testbed.models), or any HF causal LM by local folder or hub id (its own tokenizer)")
+    checker: Annotated[str, AfterValidator(CHECKERS.check)] = Field(
+        "exact", description="exact: the answer must equal the row's reference answer; nonempty: non-empty, at most "
+        "max_chars, one per distinct prompt (for prompts without references)")
+    examples: int | None = Field(None, gt=0, description="cap on training prompts answered per skill (default: all)")
+    max_new_tokens: int = Field(32, gt=0)
+    batch_size: int = Field(64, gt=0, description="prompts per generation batch")
+    actors: int = Field(2, gt=0, description="Ray Data actors generating in parallel, one source model load each")
+    cpus_per_actor: int = Field(1, gt=0)
+    max_chars: int = Field(2000, gt=0, description="longest answer the nonempty checker keeps")
+
+    @property
+    def testbed_model(self) -> str | None:
+        """The testbed model named by `source`, or None when it is a folder or hub id."""
+        return self.source.removeprefix("testbed:") if self.source.startswith("testbed:") else None
+
+
 class SkillSpec(Strict):
     name: SafeName = Field(description="names output folders and the router's classes: letters, digits, _ - ., not 'none'")
     train: Path | None = Field(None, description="JSONL with prompt/answer; default: the testbed skill `name`")
@@ -120,9 +143,11 @@ class LoraSpec(Strict):
 
 
 class TrainSpec(Strict):
-    """Adapter training: one Ray Train run per skill, DeepSpeed ZeRO on `num_workers` workers."""
+    """Expert training: one Ray Train run for all skills, DeepSpeed ZeRO on `num_workers` workers."""
 
-    method: Literal["lora"] = "lora"
+    method: Literal["lora", "full"] = Field("lora", description="lora: a PEFT LoRA adapter per skill; full: full fine-tuning "
+                                            "(GraftLLM's SFT; the SkillPack then compresses the dense delta). Full fine-tuning "
+                                            "usually wants a smaller `lr` than LoRA")
     lora: LoraSpec = LoraSpec()
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="a `deepspeed` override's zero_optimization.stage, when set, "
                                             "is the stage that runs (and what MLflow records as deepspeed.zero_stage)")
@@ -190,6 +215,8 @@ class PackSpec(Strict):
                                  "ranks go where they hold the most σ² per byte, across all matrices (replaces `energy`)")
     allocation: Annotated[str, AfterValidator(RANK_VALUES.check)] = Field(
         "energy", description="with `budget`: what a direction is worth: energy (σ²), importance (Fisher-weighted), energy_importance")
+    keep_fraction: float = Field(0.1, gt=0, le=1, description="α: fraction of each embedding / LM head delta's entries kept "
+                                 "(largest magnitude first); a full fine-tune's delta holds them, a LoRA's usually not")
     bits: list[int] = Field([8, 4], description="bits per rank band, leading band first")
     band_fractions: list[float] = Field([0.5, 0.5], description="fraction of the kept rank in each band")
     quantizer: Annotated[str, AfterValidator(QUANTIZERS.check)] = Field(
@@ -216,6 +243,7 @@ class PackSpec(Strict):
     def settings(self) -> PackSettings:
         """The library's settings for these keys."""
         return PackSettings(energy=self.energy, bits=tuple(self.bits), band_fractions=tuple(self.band_fractions), budget=self.budget,
+                            keep_fraction=self.keep_fraction,
                             quantizer=self.quantizer, weighted_svd=self.weighted_svd, allocation=self.allocation)
 
     @property
@@ -400,6 +428,7 @@ class JobSpec(Strict):
     tracking: TrackingSpec = TrackingSpec()
     testbed: TestbedSpec = TestbedSpec()
     skills: list[SkillSpec] = Field(min_length=1)
+    distill: DistillSpec = DistillSpec()
     train: TrainSpec = TrainSpec()
     score: ScoreSpec = ScoreSpec()
     pack: PackSpec = PackSpec()

@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import io  # noqa: E402
+import subprocess  # noqa: E402
+from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -16,6 +19,24 @@ from graft.testbed.models import init_model, model_config  # noqa: E402
 from graft.testbed.tokenizer import save_char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: object) -> subprocess.CompletedProcess:
+    """`graft ARGS` run in this process by the `main` the console script runs: its exit code, stdout and stderr.
+
+    A subprocess would start Python, torch and transformers again for every command; the tests that
+    need the real entry point (`python -m pipelines.cli`) run it as a subprocess themselves.
+    """
+    from pipelines.cli import main
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse's own usage errors
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(["graft", *argv], code, out.getvalue(), err.getvalue())
 
 
 def make_base(folder: Path, seed: int = 0, family: str = "llama") -> Path:

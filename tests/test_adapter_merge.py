@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM
 from graft.adapter_merge import merge_adapters
 from graft.checkpoint import CheckpointReader
 from graft.lora import read_lora_deltas
-from tests.conftest import make_adapter
+from tests.conftest import make_adapter, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +43,8 @@ def test_bad_requests_are_refused_and_write_nothing(two_adapters, tmp_path):
 
 
 def test_cli_merge_adapters(two_adapters, tmp_path):
-    import subprocess
-    import sys
-
-    ok = subprocess.run([sys.executable, "-m", "pipelines.cli", "merge-adapters", *map(str, two_adapters), "--out",
-                         str(tmp_path / "m"), "--method", "dare_ties", "--density", "0.7", "--rank", "4"],
-                        capture_output=True, text=True)
+    ok = run_cli("merge-adapters", *two_adapters, "--out", tmp_path / "m", "--method", "dare_ties", "--density", "0.7", "--rank", "4")
     assert ok.returncode == 0, ok.stderr
     assert all(d.A.shape[0] == 4 for d in read_lora_deltas(tmp_path / "m").values())
-    bad = subprocess.run([sys.executable, "-m", "pipelines.cli", "merge-adapters", str(two_adapters[0]), "--out",
-                          str(tmp_path / "x")], capture_output=True, text=True)
+    bad = run_cli("merge-adapters", two_adapters[0], "--out", tmp_path / "x")
     assert bad.returncode == 2 and bad.stderr.startswith("graft: error: merging needs at least two")

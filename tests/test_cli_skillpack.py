@@ -1,16 +1,15 @@
 import json
 import subprocess
-import sys
 
 import torch
 
 from graft.checkpoint import CheckpointReader
 from graft.lora import read_lora_deltas
-from tests.conftest import make_base
+from tests.conftest import make_base, run_cli
 
 
-def graft_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipelines.cli", *map(str, args)], capture_output=True, text=True)
+def graft_cli(*args: object) -> subprocess.CompletedProcess:
+    return run_cli(*args)
 
 
 def test_pack_inspect_apply_remove_roundtrip(base_model, adapter, tmp_path):

@@ -27,10 +27,10 @@ def test_every_registered_recipe_is_wired_and_every_stage_declares_its_contract(
 
 
 @pytest.mark.parametrize("stages, problem", [
-    (["testbed", "score"], "stage 'score' reads Adapters, which no stage before it writes (before it: testbed)"),
+    (["testbed", "score"], "stage 'score' reads Experts, which no stage before it writes (before it: testbed)"),
     (["train"], "stage 'train' reads Base, which no stage before it writes (before it: none)"),
-    (["testbed", "pack", "train"], "stage 'pack' reads Adapters"),
-    (["testbed", "nope"], "unknown stage 'nope'; known: testbed, train"),
+    (["testbed", "pack", "train"], "stage 'pack' reads Experts"),
+    (["testbed", "nope"], "unknown stage 'nope'; known: testbed, distill, train"),
     ([], "at least one stage"),
 ])
 def test_a_recipe_that_cannot_run_is_refused_naming_the_stage_and_artifact(stages, problem):
@@ -65,10 +65,10 @@ def test_the_board_hands_artifacts_by_type():
     assert board.get(Packs)["rev"].key == "k"
     with pytest.raises(MissingArtifact, match="no pack"):
         board.get(Packs)["sort"]
-    with pytest.raises(MissingArtifact, match="no Adapters artifact"):
-        from pipelines.artifacts import Adapters
+    with pytest.raises(MissingArtifact, match="no Experts artifact"):
+        from pipelines.artifacts import Experts
 
-        board.get(Adapters)
+        board.get(Experts)
 
 
 def test_stages_depend_on_artifact_types_not_on_each_other():
@@ -85,7 +85,7 @@ def test_stages_depend_on_artifact_types_not_on_each_other():
 def test_graft_recipes_lists_each_stage_with_its_artifacts(capsys, tmp_path):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
-    assert "graft:" in out and "score      reads Base, Datasets, Adapters" in out and "writes Scores" in out
+    assert "graft:" in out and "score      reads Base, Datasets, Experts" in out and "writes Scores" in out
     job = tmp_path / "j.yaml"
     job.write_text(yaml.safe_dump({"name": "j", "recipe": ["testbed", "graft"], "skills": [{"name": "reverse"}]}))
     assert main(["validate", str(job)]) == 2

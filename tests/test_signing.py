@@ -15,7 +15,7 @@ from graft.lora import load_with_adapter, read_lora_deltas
 from graft.signing import SIGNATURE, SignatureError, generate_keypair, verify_folder
 from graft.skillpack import PackSettings, SkillPack, pack_skill
 from graft.testbed.skills import generate
-from pipelines.artifacts import Adapters, Base, Board, Datasets, Scores, Split
+from pipelines.artifacts import Experts, Base, Board, Datasets, Scores, Split
 from pipelines.cache import Ref
 from pipelines.context import RunContext
 from pipelines.spec import parse_job
@@ -65,7 +65,7 @@ def _context(tmp_path, base, adapter, graft: dict, pack: dict) -> RunContext:
     save_scores(SCORES.get("magnitude")(model, []).finalize(), scores / "scores.safetensors", "magnitude", 1)
     board = Board([Base(Ref(str(base), "base"), Ref(str(base), "base")),
                    Datasets({"reverse": Split(Ref(str(data), "d"), Ref(str(data), "d"))}),
-                   Adapters({"reverse": Ref(str(adapter), "adapter")}), Scores({"reverse": Ref(str(scores), "scores")})])
+                   Experts({"reverse": Ref(str(adapter), "adapter")}), Scores({"reverse": Ref(str(scores), "scores")})])
     return RunContext(spec, tmp_path / "job.yaml", tmp_path / "runs" / "signed", tracker, parent, frozenset(), board, log=lambda m: None)
 
 

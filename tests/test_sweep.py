@@ -16,6 +16,7 @@ from pipelines.spec import SEARCH_SPACES, SpecError, SweepSpec, load_job, parse_
 from pipelines.sweep import SCHEDULERS, TUNE_SPACES, apply_params, default_concurrency, rungs_of
 from pipelines.sweep_metrics import metric_value
 from pipelines.sweep_report import TrialRow, best_row, plot_results, results_table, write_best_yaml
+from tests.conftest import run_cli
 
 BASE = {"name": "t", "skills": [{"name": "reverse"}, {"name": "sort"}, {"name": "add"}]}
 SWEEP = {"params": {"train.lora.rank": {"grid": [4, 8]}, "pack.energy": {"choice": [0.9, 0.99]}}}
@@ -148,11 +149,11 @@ def test_results_table_and_plot(tmp_path):
 
 def test_cli_bad_sweep_spec_exits_2_and_runs_nothing(tmp_path):
     path = write(tmp_path, {**BASE, "output_dir": str(tmp_path / "runs"), "sweep": {"params": {"train.lora.rnak": {"grid": [4]}}}})
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "sweep", str(path)], check=False, capture_output=True, text=True)
+    proc = run_cli("sweep", path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"{path}: sweep.params.train.lora.rnak: no such job field"
     path = write(tmp_path, {**BASE, "output_dir": str(tmp_path / "runs")})
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "sweep", str(path)], check=False, capture_output=True, text=True)
+    proc = run_cli("sweep", path)
     assert proc.returncode == 2 and proc.stderr.strip().startswith(f"{path}: sweep: missing")
     assert not (tmp_path / "runs").exists()
 

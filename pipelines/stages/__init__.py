@@ -3,12 +3,14 @@
 - `NAME`: the stage's name in recipes, MLflow runs and output folders;
 - `READS` / `WRITES`: the artifact types (`pipelines.artifacts`) it takes from the board and adds to it;
 - `SECTIONS`: the job spec sections it reads (a job's MLflow params hold only its recipe's);
+- `problems(spec) -> list[str]` (optional): what the stage finds wrong across the job's sections, each
+  line naming the key (checked by `graft validate` with the recipe, before anything runs);
 - `run(ctx) -> StageResult`: builds a typed request per output item (its hash is the item's content
   key), runs it (fanned out on Ray where it pays), and returns what it wrote in `StageResult.artifacts`.
 """
 
 from types import ModuleType
 
-from pipelines.stages import evaluate, graft, pack, score, testbed, train
+from pipelines.stages import distill, evaluate, graft, pack, score, testbed, train
 
-STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, train, score, pack, graft, evaluate)}
+STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, distill, train, score, pack, graft, evaluate)}

@@ -1,6 +1,6 @@
 """Stage `evaluate`: per-skill exact-match accuracy of the base, each expert and the grafted model.
 
-Reads `Base`, `Datasets`, `Adapters`, `Grafted`; writes `Report`.
+Reads `Base`, `Datasets`, `Experts`, `Grafted`; writes `Report`.
 
 One Ray task per model scores every skill's held-out split by batched greedy generation. Output:
 `<root>/evaluate/report-<key>/eval.json` ({model: {skill: accuracy}}) and `eval.png`; both are
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.artifacts import Adapters, Base, Datasets, Grafted, Report
+from pipelines.artifacts import Base, Datasets, Experts, Grafted, Report
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.report import accuracy_chart, accuracy_table
@@ -23,7 +23,7 @@ from pipelines.spec import EvaluateSpec
 from pipelines.stages.inputs import digest_cache
 
 NAME = "evaluate"
-READS = (Base, Datasets, Adapters, Grafted)
+READS = (Base, Datasets, Experts, Grafted)
 WRITES = (Report,)
 SECTIONS = ("evaluate",)
 
@@ -32,19 +32,21 @@ SECTIONS = ("evaluate",)
 class EvaluateRequest:
     """Every model scored and every held-out file; the report's content key is the hash of all of it."""
 
-    models: tuple[tuple[str, Ref, Ref | None], ...]  # (name, model, adapter)
+    models: tuple[tuple[str, Ref, Ref | None], ...]  # (name, base or routed folder, expert or None)
+    expert_kind: str
     tokenizer: Ref
     tests: tuple[tuple[str, Ref], ...]
     settings: EvaluateSpec
     trust_remote_code: bool
 
 
-def evaluate_model(model: Ref, adapter: Ref | None, req: EvaluateRequest, cache_dir: str) -> dict[str, float]:
-    """Accuracy of one model (base + optional adapter, or a routed folder) on each skill's held-out file (a Ray task)."""
+def evaluate_model(model: Ref, expert: Ref | None, req: EvaluateRequest, cache_dir: str) -> dict[str, float]:
+    """Accuracy of one model (the base, an expert of it, or a routed folder) on each skill's held-out file (a Ray task)."""
     from transformers import AutoTokenizer
 
     from graft.data import read_jsonl
     from graft.evaluation import exact_match
+    from graft.experts import Expert
     from graft.fingerprint import DigestCache
     from graft.lora import load_with_adapter
     from graft.routing import RoutedModel, is_routed
@@ -54,8 +56,10 @@ def evaluate_model(model: Ref, adapter: Ref | None, req: EvaluateRequest, cache_
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
     if is_routed(model.path):
         loaded = RoutedModel.load(model.path, digest_cache=DigestCache(cache_dir))
+    elif expert is not None:
+        loaded = Expert(Path(expert.path), req.expert_kind).load(model.path, req.trust_remote_code)
     else:
-        loaded = load_with_adapter(model.path, adapter and adapter.path, req.trust_remote_code)
+        loaded = load_with_adapter(model.path, None, req.trust_remote_code)
     return {skill: exact_match(loaded, tok, read_jsonl(test.path)[:ev.examples], ev.max_new_tokens, ev.batch_size)
             for skill, test in req.tests}
 
@@ -64,19 +68,19 @@ def run(ctx: RunContext) -> StageResult:
     import ray
 
     spec, ev = ctx.spec, ctx.spec.evaluate
-    base, data, adapters = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Adapters)
+    base, data, experts = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Experts)
     skills = [s.name for s in spec.skills] + (["general"] if "general" in data and spec.base == "testbed" else [])
     models: list[tuple[str, Ref, Ref | None]] = [("base", base.model, None)]
-    models += [(f"expert-{s.name}", base.model, adapters[s.name]) for s in spec.skills]
+    models += [(f"expert-{s.name}", base.model, experts[s.name]) for s in spec.skills]
     models.append(("grafted", ctx.board.get(Grafted).model, None))
-    req = EvaluateRequest(models=tuple(models), tokenizer=base.tokenizer, tests=tuple((s, data[s].test) for s in skills),
-                          settings=ev, trust_remote_code=spec.trust_remote_code)
+    req = EvaluateRequest(models=tuple(models), expert_kind=experts.kind, tokenizer=base.tokenizer,
+                          tests=tuple((s, data[s].test) for s in skills), settings=ev, trust_remote_code=spec.trust_remote_code)
     result = StageResult(NAME)
 
     def build(tmp: Path, run) -> dict[str, float]:
         remote = ray.remote(num_cpus=1)(evaluate_model)
         cache = str(digest_cache(ctx.spec).folder)
-        refs = {name: remote.remote(model, adapter, req, cache) for name, model, adapter in req.models}
+        refs = {name: remote.remote(model, expert, req, cache) for name, model, expert in req.models}
         table = {m: ray.get(ref) for m, ref in refs.items()}
         (tmp / "eval.json").write_text(json.dumps(table, indent=1))
         accuracy_chart(table, tmp / "eval.png", f"{spec.name}: held-out exact match")

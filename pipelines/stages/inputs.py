@@ -10,13 +10,24 @@ from pathlib import Path
 
 from graft.fingerprint import DigestCache
 from pipelines.artifacts import Datasets
-from pipelines.cache import Ref, file_digest
+from pipelines.cache import Ref, file_digest, folder_identity
 from pipelines.spec import JobSpec
 
 
 def file_ref(path: str | Path) -> Ref:
     """A file the job names (a JSONL of prompts, a key): identified by its contents."""
     return Ref(str(Path(path).expanduser().resolve()), file_digest(Path(path).expanduser()))
+
+
+def checkpoint_ref(name: str) -> Ref:
+    """A checkpoint the job names: a local folder, or a hub id fetched (weights as safetensors only) into the
+    hub cache; identified by its files (`folder_identity`)."""
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    return Ref(str(folder.resolve()), folder_identity(folder))
 
 
 def replay_ref(data: Datasets, replay_data: str, replay_fraction: float) -> Ref | None:

@@ -1,6 +1,7 @@
-"""Stage `pack`: one SkillPack per skill from its adapter and its importance scores.
+"""Stage `pack`: one SkillPack per skill from its expert and its importance scores.
 
-The adapter's low-rank deltas are compressed module by module (graft.skillpack); each tensor's
+The expert's deltas (an adapter's low-rank ones, or a full fine-tune's dense ones against the base,
+`graft.experts`) are compressed module by module (graft.skillpack); each tensor's
 share of the skill's importance mass goes into the manifest, and tensors whose share is below
 `pack.min_importance_share` are left out of the pack. With `pack.budget` the pack holds at most that
 fraction of the bf16 delta's bytes, its ranks allocated by `pack.allocation` (the importance scores
@@ -20,17 +21,17 @@ from pathlib import Path
 from graft.data import labelled_batches, read_jsonl, replay_mix
 from graft.expert_packing import pack_expert
 from graft.importance import load_scores, module_summary
-from graft.lora import read_lora_deltas
+from graft.experts import Expert
 from graft.signing import sign_folder
 from graft.skillpack import SkillPack
-from pipelines.artifacts import Adapters, Base, Datasets, Packs, Scores
+from pipelines.artifacts import Base, Datasets, Experts, Packs, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.spec import PackSpec
 from pipelines.stages.inputs import file_ref, replay_ref
 
 NAME = "pack"
-READS = (Base, Datasets, Adapters, Scores)
+READS = (Base, Datasets, Experts, Scores)
 WRITES = (Packs,)
 SECTIONS = ("pack", "train")  # train.replay_*, max_length: calibration rows are the mix the expert was trained on
 CALIBRATION_BATCH = 32
@@ -45,7 +46,8 @@ class PackRequest:
 
     skill: str
     base: Ref
-    adapter: Ref
+    expert: Ref
+    expert_kind: str
     scores: Ref
     settings: PackSpec  # `sign_key` replaced by `signer`
     signer: Ref | None
@@ -60,13 +62,13 @@ class PackRequest:
 def run(ctx: RunContext) -> StageResult:
     spec, pk = ctx.spec, ctx.spec.pack
     base, data = ctx.board.get(Base), ctx.board.get(Datasets)
-    adapters, scored = ctx.board.get(Adapters), ctx.board.get(Scores)
+    experts, scored = ctx.board.get(Experts), ctx.board.get(Scores)
     settings = pk.settings()
     result = StageResult(NAME)
     keys = {}
     for s in spec.skills:
         req = PackRequest(
-            skill=s.name, base=base.model, adapter=adapters[s.name],
+            skill=s.name, base=base.model, expert=experts[s.name], expert_kind=experts.kind,
             scores=Ref(str(Path(scored[s.name].path) / "scores.safetensors"), scored[s.name].key),
             settings=pk.model_copy(update={"sign_key": None}),
             signer=file_ref(pk.sign_key) if pk.sign_key else None,
@@ -75,11 +77,12 @@ def run(ctx: RunContext) -> StageResult:
             replay_fraction=spec.train.replay_fraction, max_length=spec.train.max_length, trust_remote_code=spec.trust_remote_code)
 
         def build(tmp: Path, run, req=req) -> dict[str, float]:
-            deltas = read_lora_deltas(req.adapter.path)
+            expert = Expert(Path(req.expert.path), req.expert_kind)
+            deltas = expert.deltas(req.base.path)
             scores = load_scores(req.scores.path)
             share = {k: v["share"] for k, v in module_summary(scores).items()}
             kept = {k: d for k, d in deltas.items() if share.get(k, 1.0) >= pk.min_importance_share}
-            source = {"adapter": req.adapter.path, "base": req.base.path, "job": spec.name,
+            source = {"expert": req.expert.path, "expert_kind": req.expert_kind, "base": req.base.path, "job": spec.name,
                       "importance_share": {k: share.get(k) for k in kept}, "dropped": sorted(set(deltas) - set(kept))}
             batches = None
             if req.data is not None:
@@ -87,7 +90,7 @@ def run(ctx: RunContext) -> StageResult:
 
                 rows = _calibration_rows(req.data.path, req.replay, req.replay_fraction, pk.calibration_examples)
                 batches = labelled_batches(AutoTokenizer.from_pretrained(req.tokenizer.path), rows, req.max_length, CALIBRATION_BATCH)
-            pack = pack_expert(req.skill, req.base.path, req.adapter.path, kept, settings, calibration_batches=batches,
+            pack = pack_expert(req.skill, req.base.path, expert, kept, settings, calibration_batches=batches,
                                importance={k: scores[k] for k in kept if k in scores}, source=source, tune_steps=pk.tune_steps,
                                tune_lr=pk.tune_lr, trust_remote_code=req.trust_remote_code)
             tuned = {f"grid_{k}": v for k, v in pack.manifest.get("grid_tuning", {}).items() if k in ("kl_before", "kl_after")}

@@ -1,8 +1,8 @@
 """Stage `score`: per-parameter importance of each skill's expert, fanned out as Ray tasks.
 
-Reads `Base`, `Datasets`, `Adapters`; writes `Scores`. One Ray task per (skill, data shard) computes
-partial sums of the chosen score (default: the Fisher diagonal) on the base with the skill's adapter
-merged in; the driver adds the partials
+Reads `Base`, `Datasets`, `Experts`; writes `Scores`. One Ray task per (skill, data shard) computes
+partial sums of the chosen score (default: the Fisher diagonal) on the skill's expert (the base with its
+adapter merged in, or its fine-tuned checkpoint); the driver adds the partials
 (exact: sums and counts) and writes `<root>/score/<skill>-<key>/scores.safetensors` and
 `summary.json` (per-tensor share of the importance mass).
 """
@@ -17,12 +17,12 @@ import numpy as np
 import torch
 
 from graft.importance import ImportancePartial, module_summary, save_scores
-from pipelines.artifacts import Adapters, Base, Datasets, Scores
+from pipelines.artifacts import Base, Datasets, Experts, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 
 NAME = "score"
-READS = (Base, Datasets, Adapters)
+READS = (Base, Datasets, Experts)
 WRITES = (Scores,)
 SECTIONS = ("score", "train")  # train.max_length: the expert is scored on rows cut as it was trained
 
@@ -32,7 +32,8 @@ class ScoreRequest:
     """Everything one skill's scores depend on; its content key is the hash of all of it."""
 
     base: Ref
-    adapter: Ref | None  # None: the base's own importance
+    expert: Ref | None  # None: the base's own importance
+    expert_kind: str
     tokenizer: Ref
     data: Ref
     method: str
@@ -49,11 +50,15 @@ def score_shard(req: ScoreRequest, shard: int, threads: int) -> tuple[dict, int]
 
     from graft.data import collated_batches, encode_examples, read_jsonl
     from graft.importance import SCORES
+    from graft.experts import Expert
     from graft.lora import load_with_adapter
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
-    model = load_with_adapter(req.base.path, req.adapter and req.adapter.path, req.trust_remote_code)
+    if req.expert is None:
+        model = load_with_adapter(req.base.path, None, req.trust_remote_code)
+    else:
+        model = Expert(Path(req.expert.path), req.expert_kind).load(req.base.path, req.trust_remote_code)
     rows = read_jsonl(req.data.path)[:req.examples][shard::req.shards]
     batches = collated_batches(encode_examples(tok, rows, req.max_length), tok.pad_token_id, req.batch_size)
     part = SCORES.get(req.method)(model, batches)
@@ -72,12 +77,13 @@ def run(ctx: RunContext) -> StageResult:
     import ray
 
     spec, sc = ctx.spec, ctx.spec.score
-    base, data, adapters = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Adapters)
+    base, data, experts = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Experts)
     result = StageResult(NAME)
     remote = ray.remote(num_cpus=1)(score_shard_on_node)
     pending: dict[str, list] = {}
     requests = {s.name: ScoreRequest(
-        base=base.model, adapter=adapters[s.name], tokenizer=base.tokenizer, data=data[s.name].train, method=sc.method,
+        base=base.model, expert=experts[s.name], expert_kind=experts.kind, tokenizer=base.tokenizer, data=data[s.name].train,
+        method=sc.method,
         shards=sc.shards, examples=sc.examples, batch_size=sc.batch_size, max_length=spec.train.max_length,
         trust_remote_code=spec.trust_remote_code) for s in spec.skills}
     keys = {name: content_key(req) for name, req in requests.items()}

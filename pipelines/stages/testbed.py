@@ -27,8 +27,9 @@ from graft.testbed.recipes import DataRef, Recipe, testbed_recipes
 from graft.testbed.skills import SKILLS, generate
 from graft.testbed.tokenizer import save_char_tokenizer
 from pipelines.artifacts import Base, Checkpoint, Datasets, Models, Split
-from pipelines.cache import Ref, content_key, file_digest, folder_identity
+from pipelines.cache import Ref, content_key, file_digest
 from pipelines.context import Item, RunContext, StageResult
+from pipelines.stages.inputs import checkpoint_ref
 from pipelines.spec import JobSpec
 from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training
@@ -91,15 +92,8 @@ def run(ctx: RunContext) -> StageResult:
         models = {m: Checkpoint(Ref(str(p), result.keys[m]), Ref(str(p), result.keys[m])) for m, p in paths.items()}
         model = models["base-v1"].model
     else:
-        base = Path(spec.base).expanduser()
-        if not base.is_dir():
-            from huggingface_hub import snapshot_download
-
-            base = Path(snapshot_download(spec.base, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
-        model = Ref(str(base.resolve()), folder_identity(base))
-    tokenizer = model
-    if spec.tokenizer:
-        tokenizer = Ref(str(Path(spec.tokenizer).resolve()), folder_identity(Path(spec.tokenizer).expanduser()))
+        model = checkpoint_ref(spec.base)
+    tokenizer = checkpoint_ref(spec.tokenizer) if spec.tokenizer else model
     result.artifacts += [Base(model, tokenizer), Datasets(by_name), Models(models)]
     return result
 

@@ -1,23 +1,27 @@
-"""Stage `train`: one LoRA adapter per skill, all trained in one Ray Train run driving DeepSpeed ZeRO.
+"""Stage `train`: one expert per skill, all trained in one Ray Train run driving DeepSpeed ZeRO.
 
-Reads `Base` and `Datasets`; writes `Adapters`; uses the job's `train` section.
+Reads `Base` and `Datasets`; writes `Experts`; uses the job's `train` section. An expert is a LoRA
+adapter (`train.method: lora`) or a fully fine-tuned checkpoint of the base (`full`, GraftLLM's SFT).
 Each skill's `TrainRequest` holds everything its adapter depends on (inputs by content key, the
 effective DeepSpeed config resolved here on the driver, every setting), and its content key is the
 output's. The skills train one after another in the same worker group, so the group's start-up (tens
 of seconds on a small machine) is paid once per stage, not once per skill; the group checkpoints every
-`train.checkpoint_every` steps and resumes after a worker failure. Reused adapters are skipped; a new
-adapter is checked (`graft.model_checks.check_adapter`) before it is committed, so a broken one fails
-the stage instead of being cached.
-Outputs: `<root>/train/<skill>-<key>/`, a PEFT adapter folder (+ `train_info.json`, `losses.json`).
-Logs (child run `train/<skill>`): loss per step, engine class, effective ZeRO stage, world size, the adapter.
+`train.checkpoint_every` steps and resumes after a worker failure. Reused experts are skipped; a new
+one is checked (`graft.model_checks.check_adapter` / `check_checkpoint` against the base) before it is
+committed, so a broken one fails the stage instead of being cached.
+Outputs: `<root>/train/<skill>-<key>/`, a PEFT adapter or checkpoint folder (+ `train_info.json`, `losses.json`).
+Logs (child run `train/<skill>`): loss per step, engine class, effective ZeRO stage, world size, and
+the adapter itself (a full checkpoint is not copied into MLflow; its folder is the run's `graftline.expert` tag).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from graft.model_checks import check_adapter, check_lora_targets
-from pipelines.artifacts import Adapters, Base, Datasets
+from graft.model_checks import check_adapter, check_checkpoint, check_lora_targets
+from pipelines.artifacts import Base, Datasets, Experts
 from pipelines.cache import Ref
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.spec import JobSpec, TrainSpec
@@ -27,8 +31,29 @@ from pipelines.training.trainer import TrainJob, TrainRequest, run_training
 
 NAME = "train"
 READS = (Base, Datasets)
-WRITES = (Adapters,)
+WRITES = (Experts,)
 SECTIONS = ("train",)
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the stage does around one training method (`train.method`): the request's method settings,
+    the check before anything runs, the check of each output, and whether the output is copied into MLflow."""
+
+    settings: Callable[[TrainSpec], dict | None]
+    precheck: Callable[[str, TrainSpec, bool], None]
+    check: Callable[..., int]
+    describe: Callable[[TrainSpec], str]
+    log_folder: bool  # a full checkpoint is not copied into MLflow; its folder is the run's `graftline.expert` tag
+
+
+METHODS = {
+    "lora": Method(settings=lambda tr: tr.lora.model_dump(mode="json"),
+                   precheck=lambda base, tr, trc: check_lora_targets(base, tr.lora.target_modules, trust_remote_code=trc),
+                   check=check_adapter, describe=lambda tr: f"LoRA r={tr.lora.rank}", log_folder=True),
+    "full": Method(settings=lambda tr: None, precheck=lambda base, tr, trc: None, check=check_checkpoint,
+                   describe=lambda tr: "full fine-tuning", log_folder=False),
+}
 
 
 def adapter_deepspeed(tr: TrainSpec) -> dict:
@@ -44,32 +69,34 @@ def train_requests(spec: JobSpec, base: Base, data: Datasets) -> dict[str, Train
     deepspeed = adapter_deepspeed(tr)
     replay = replay_ref(data, tr.replay_data, tr.replay_fraction)
     return {s.name: TrainRequest(
-        model=base.model, tokenizer=base.tokenizer, data=data[s.name].train, mode="lora", steps=tr.steps, batch_size=tr.batch_size,
+        model=base.model, tokenizer=base.tokenizer, data=data[s.name].train, mode=tr.method, steps=tr.steps,
+        batch_size=tr.batch_size,
         seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=tr.accelerator, threads_per_worker=tr.cpus_per_worker,
-        max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, lora=tr.lora.model_dump(mode="json"),
+        max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, lora=METHODS[tr.method].settings(tr),
         trust_remote_code=spec.trust_remote_code) for s in spec.skills}
 
 
 def run(ctx: RunContext) -> StageResult:
     spec, tr = ctx.spec, ctx.spec.train
     base = ctx.board.get(Base)
+    method = METHODS[tr.method]
     result = StageResult(NAME)
     reqs = train_requests(spec, base, ctx.board.get(Datasets))
     params = tr.model_dump(mode="json")
     items = [Item(name, req.key(), {"skill": name, **params, "deepspeed.zero_stage": req.zero_stage}) for name, req in reqs.items()]
 
     def build(todo) -> dict[str, dict[str, float]]:
-        check_lora_targets(base.model.path, tr.lora.target_modules, trust_remote_code=spec.trust_remote_code)
+        method.precheck(base.model.path, tr, spec.trust_remote_code)
         jobs = []
         for name, (tmp, run) in todo.items():
             req = reqs[name]
             jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
-            ctx.log(f"  train/{name}: LoRA r={tr.lora.rank}, ZeRO-{req.zero_stage}, {req.num_workers} workers, {req.steps} steps")
+            ctx.log(f"  train/{name}: {method.describe(tr)}, ZeRO-{req.zero_stage}, {req.num_workers} workers, {req.steps} steps")
         run_training(jobs, ctx.root / "ray_train", "train-" + "-".join(todo), checkpoint_every=tr.checkpoint_every,
                      max_failures=tr.max_failures)
         infos = {}
-        for name, (tmp, _) in todo.items():  # every adapter checked before any is logged or committed
-            check_adapter(tmp, reqs[name].model.path, trust_remote_code=spec.trust_remote_code)
+        for name, (tmp, _) in todo.items():  # every expert checked before any is logged or committed
+            method.check(tmp, reqs[name].model.path, trust_remote_code=spec.trust_remote_code)
             infos[name] = json.loads((tmp / "train_info.json").read_text())
         metrics = {}
         for name, (tmp, run) in todo.items():
@@ -77,11 +104,14 @@ def run(ctx: RunContext) -> StageResult:
             run.params({"deepspeed.engine_class": info["engine_class"], "deepspeed.world_size": info["world_size"]})
             if info["restarts"]:
                 run.tags({"graftline.restarts": str(info["restarts"]), "graftline.resumed_from_step": str(info["resumed_from_step"])})
-            run.artifact(tmp, "adapter")
+            if method.log_folder:
+                run.artifact(tmp, "adapter")
+            else:
+                run.tags({"graftline.expert": str(ctx.output_path(NAME, name, reqs[name].key()))})
             metrics[name] = {"final_loss": info["final_loss"], "train_seconds": info["train_seconds"],
                              "steps_per_second": info["steps_per_second"]}
         return metrics
 
     paths = ctx.run_items(NAME, items, build, result)
-    result.artifacts.append(Adapters({name: Ref(str(path), reqs[name].key()) for name, path in paths.items()}))
+    result.artifacts.append(Experts({name: Ref(str(path), reqs[name].key()) for name, path in paths.items()}, kind=tr.method))
     return result

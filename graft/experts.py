@@ -1,0 +1,108 @@
+"""Experts: a base model plus what training a skill changed, as a LoRA adapter or as a whole fine-tuned checkpoint.
+
+A SkillPack is the compressed delta of an expert (methods.md §1.2: θ_after − θ_before). Two kinds of
+expert make that delta, each one unit registered by name in `EXPERT_KINDS`:
+- `lora`: a PEFT adapter folder; its delta is low rank and stays factored (`graft.lora`);
+- `full`: a fine-tuned checkpoint of the base's architecture (GraftLLM's full SFT); its delta is dense,
+  taken tensor by tensor against the base, and only tensors that changed are kept.
+Each kind knows how to load the expert as a model (scoring, calibration, evaluation) and how to read
+its deltas, keyed by the base's tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from graft.checkpoint import CheckpointError, CheckpointReader, weight_files
+from graft.lora import LowRankDelta, load_with_adapter, read_lora_deltas
+from graft.registry import Registry
+
+Delta = torch.Tensor | LowRankDelta
+
+
+@dataclass(frozen=True)
+class ExpertKind:
+    """How one kind of expert is loaded as a model and read as deltas."""
+
+    load: Callable[[str | Path, str | Path, bool], torch.nn.Module]  # (base, expert folder, trust_remote_code) -> model
+    deltas: Callable[[str | Path, str | Path], dict[str, Delta]]  # (base, expert folder) -> {base tensor: delta}
+
+
+EXPERT_KINDS: Registry[ExpertKind] = Registry("expert kind")  # type: ignore[type-var]
+
+
+@dataclass(frozen=True)
+class Expert:
+    """One skill's expert on disk: its folder and its kind (an `EXPERT_KINDS` name)."""
+
+    folder: Path
+    kind: str = "lora"
+
+    def __post_init__(self) -> None:
+        EXPERT_KINDS.check(self.kind)
+
+    def load(self, base: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
+        """The expert as one model: the base with the adapter merged in, or the fine-tuned checkpoint."""
+        return EXPERT_KINDS.get(self.kind).load(base, self.folder, trust_remote_code)
+
+    def deltas(self, base: str | Path) -> dict[str, Delta]:
+        """What training changed, keyed by the base's tensor names."""
+        return EXPERT_KINDS.get(self.kind).deltas(base, self.folder)
+
+
+def full_deltas(base: str | Path, expert: str | Path) -> dict[str, torch.Tensor]:
+    """θ_expert − θ_base (fp32) for every floating-point tensor that changed, read tensor by tensor.
+
+    The expert must be of the base's architecture (`model_type` in config.json) and hold exactly the
+    base's tensors with the same shapes (CheckpointError naming the first that differs): a checkpoint of
+    another architecture is not a fine-tune of this base, and a tensor the base lacks has no delta.
+    """
+    kinds = [_model_type(base), _model_type(expert)]
+    if None not in kinds and kinds[0] != kinds[1]:
+        raise CheckpointError(f"{expert}: a {kinds[1]} checkpoint is not a fine-tune of {base}, a {kinds[0]}")
+    b, e = CheckpointReader(base), CheckpointReader(expert)
+    for key in e.keys():
+        if key not in b:
+            raise CheckpointError(f"{expert}: tensor {key!r} is not in the base {base}; not a fine-tune of it")
+    for key in b.keys():
+        if key not in e:
+            raise CheckpointError(f"{expert}: tensor {key!r} of the base is missing; not a fine-tune of {base}")
+        if b.shape(key) != e.shape(key):
+            raise CheckpointError(f"{expert}: tensor {key!r} has shape {e.shape(key)}, the base's is {b.shape(key)}")
+    out = {}
+    for key in b.keys():
+        before = b.get(key)
+        if not before.is_floating_point():
+            continue
+        delta = e.get(key).float() - before.float()
+        if bool(delta.abs().max() > 0):
+            out[key] = delta
+    return out
+
+
+def _model_type(folder: str | Path) -> str | None:
+    config = Path(folder) / "config.json"
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        raise CheckpointError(f"{config}: not a readable JSON object") from None
+
+
+def _load_full(base: str | Path, expert: str | Path, trust_remote_code: bool) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    weight_files(expert)  # safetensors only: a folder of pickles is refused by name
+    return AutoModelForCausalLM.from_pretrained(str(expert), dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                use_safetensors=True)
+
+
+EXPERT_KINDS.register("lora")(ExpertKind(load=lambda base, folder, trc: load_with_adapter(base, folder, trc),
+                                         deltas=lambda base, folder: dict(read_lora_deltas(folder))))
+EXPERT_KINDS.register("full")(ExpertKind(load=_load_full, deltas=lambda base, folder: dict(full_deltas(base, folder))))
