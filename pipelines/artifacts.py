@@ -104,6 +104,20 @@ class Packs(PerSkill):
 
 
 @dataclass(frozen=True)
+class Ported:
+    """A port folder per skill and new base (`port.json`: the patch's fit and the base's drift under it; with a
+    reference fine-tune, its adapter and the update gap), and the new bases by name."""
+
+    by_pair: Mapping[str, Ref]  # "<skill>@<new base name>"
+    bases: Mapping[str, Checkpoint]
+    references: Mapping[str, Ref]  # the reference fine-tunes, by the same pair names; empty without them
+
+    @staticmethod
+    def pair(skill: str, base: str) -> str:
+        return f"{skill}@{base}"
+
+
+@dataclass(frozen=True)
 class Grafted:
     """The base with the job's packs in it: a checkpoint folder, or a routed-model folder."""
 

@@ -215,6 +215,37 @@ def _expert_args(parser: argparse.ArgumentParser) -> None:
                         help="lora: an adapter on --base; full: a fully fine-tuned checkpoint (its delta is taken against --base)")
 
 
+def cmd_port(args: argparse.Namespace) -> int:
+    """PortLLM: a patch (an expert trained on --from) applied to the newer base --to, with no training: a checkpoint + port.json."""
+    import json
+    import shutil
+
+    from graft.atomic import atomic_dir
+    from graft.experts import Expert
+    from graft.model_checks import check_checkpoint
+    from graft.port import base_drift, check_fits, ported_model
+
+    inputs = _inputs(args.patch, args.old, args.new)
+    _check_out(args, *inputs)
+    deltas = Expert(Path(args.patch), args.kind).deltas(args.old)
+    check_fits(deltas, args.new)
+    drift = base_drift(args.old, args.new, list(deltas))
+    model = ported_model(args.new, deltas, args.trust_remote_code)
+    with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs, kind="ported") as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        for f in Path(args.new).iterdir():  # the new base's tokenizer files
+            if f.is_file() and f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+                shutil.copy2(f, tmp / f.name)
+        (tmp / "port.json").write_text(json.dumps({"patch": str(Path(args.patch).resolve()), "kind": args.kind,
+                                                   "old_base": str(Path(args.old).resolve()), "new_base": str(Path(args.new).resolve()),
+                                                   "drift": drift}, indent=1))
+        check_checkpoint(tmp, args.new, trust_remote_code=args.trust_remote_code)
+    worst = max(drift, key=drift.get)
+    print(f"{args.out}: {args.new} + the patch ({len(deltas)} tensors); base drift under it: mean "
+          f"{sum(drift.values()) / len(drift):.4f}, largest {drift[worst]:.4f} ({worst})")
+    return 0
+
+
 def cmd_merge_adapters(args: argparse.Namespace) -> int:
     from graft.adapter_merge import merge_adapters
 
@@ -280,6 +311,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--rank", type=int, help="rank of the merged adapter (default: the largest input rank)")
     m.add_argument("--seed", type=int, default=0, help="for DARE's random drop")
     m.set_defaults(fn=cmd_merge_adapters)
+
+    po = sub.add_parser("port", help="apply a patch trained on one base version to a newer version, with no training (PortLLM)")
+    po.add_argument("patch", help="the patch: a PEFT LoRA adapter folder, or with --kind full a fine-tuned checkpoint of --from")
+    po.add_argument("--kind", default="lora", help="lora or full (see `graft pack --kind`)")
+    po.add_argument("--from", dest="old", required=True, help="the base the patch was trained on")
+    po.add_argument("--to", dest="new", required=True, help="the newer base to carry it to")
+    _writes(po, "the ported checkpoint folder (+ port.json: the base's drift under the patch, per tensor)")
+    po.add_argument("--trust-remote-code", action="store_true")
+    po.set_defaults(fn=cmd_port)
 
     p = sub.add_parser("pack", help="pack an expert (a LoRA adapter, or a fully fine-tuned checkpoint) into a SkillPack")
     _expert_args(p)

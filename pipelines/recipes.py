@@ -106,3 +106,6 @@ _register(Recipe("graft", ("testbed", "train", "score", "pack", "graft", "evalua
 _register(Recipe("transfer", ("testbed", "distill", "train", "score", "pack", "graft", "evaluate"),
                  "GraftLLM cross-model transfer: a source model of another family answers the skill's prompts, the base "
                  "learns from the checked answers (LoRA or full SFT), and its own delta is packed and grafted"))
+_register(Recipe("port", ("testbed", "train", "port", "port_eval"),
+                 "PortLLM patch porting: each skill's expert, trained on the base, applied to newer base versions with no training, "
+                 "against the new bases alone and (port.reference_finetune) the same expert trained on them"))

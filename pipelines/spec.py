@@ -30,6 +30,7 @@ from graft.importance import SCORES
 from graft.quantize import QUANTIZERS, VALID_BITS
 from graft.skillpack import RANK_VALUES, PackSettings
 from graft.strict_yaml import load_yaml
+from graft.testbed.recipes import MAX_VERSIONS, model_names
 from graft.testbed.skills import SKILLS
 from pipelines.sweep_metrics import metric_problem
 
@@ -78,7 +79,10 @@ class TrackingSpec(Strict):
 class TestbedSpec(Strict):
     """The synthetic-skills testbed: a char tokenizer, skills, and tiny models trained from scratch."""
 
-    models: list[Literal["base-v1", "base-v2", "base-v3", "target-large", "source-hetero", "aligned-small"]] = ["base-v1"]
+    versions: int = Field(3, ge=1, le=MAX_VERSIONS, description="length of the base-version chain base-v1 … base-vN (PortLLM's "
+                          "evolving base: each version a continued pretraining of the one before on fresh `general` data)")
+    models: list[str] = Field(["base-v1"], description="testbed models to build: base-v1 … base-v<versions>, target-large, "
+                              "source-hetero, aligned-small")
     family: Literal["llama", "qwen2", "gpt2"] = "llama"
     size: Literal["tiny", "mini", "small", "large"] = "tiny"
     evolve_steps: int = Field(300, gt=0, description="continued-pretraining steps from one base version to the next")
@@ -97,6 +101,16 @@ class TestbedSpec(Strict):
     num_workers: int = Field(2, gt=0)
     train_examples: int = Field(4000, gt=0, description="training examples written per skill")
     eval_examples: int = Field(200, gt=0, description="held-out examples written per skill")
+
+    @field_validator("models")
+    @classmethod
+    def _known_models(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        versions = info.data.get("versions", 3)
+        known = model_names(versions)
+        for name in v:
+            if name not in known:
+                raise ValueError(f"unknown testbed model {name!r}; known with versions={versions}: {', '.join(known)}")
+        return v
 
 
 class DistillSpec(Strict):
@@ -119,6 +133,23 @@ class DistillSpec(Strict):
     def testbed_model(self) -> str | None:
         """The testbed model named by `source`, or None when it is a folder or hub id."""
         return self.source.removeprefix("testbed:") if self.source.startswith("testbed:") else None
+
+
+class PortSpec(Strict):
+    """PortLLM (methods.md §2): each skill's patch (its expert, trained on `base`) applied to newer versions of the
+    base with no training, and measured against them."""
+
+    to: list[str] = Field(["testbed:base-v2"], min_length=1, description="the new bases: testbed:NAME (a model the "
+                          "testbed stage builds, listed in testbed.models), or checkpoint folders / hub ids")
+    reference_finetune: bool = Field(False, description="also train the same expert on each new base (the train section's "
+                                     "settings) and report ‖Δ' − Δ‖_F / ‖Δ‖_F and the cosine per module")
+
+    @field_validator("to")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each new base once, got {v}")
+        return v
 
 
 class SkillSpec(Strict):
@@ -429,6 +460,7 @@ class JobSpec(Strict):
     testbed: TestbedSpec = TestbedSpec()
     skills: list[SkillSpec] = Field(min_length=1)
     distill: DistillSpec = DistillSpec()
+    port: PortSpec = PortSpec()
     train: TrainSpec = TrainSpec()
     score: ScoreSpec = ScoreSpec()
     pack: PackSpec = PackSpec()

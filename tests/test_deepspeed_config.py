@@ -13,7 +13,7 @@ from pipelines.artifacts import Base, Datasets, Split
 from pipelines.cache import Ref
 from pipelines.spec import SpecError, TrainSpec, parse_job
 from pipelines.stages.testbed import model_requests
-from pipelines.stages.train import adapter_deepspeed, train_requests
+from pipelines.training.experts import adapter_deepspeed, expert_requests as train_requests
 from pipelines.training.deepspeed_config import build_deepspeed_config, zero_stage_of
 from pipelines.training.extension_locks import clear_stale_locks
 from pipelines.training.trainer import TrainJob

@@ -4,8 +4,8 @@ A recipe is plain data; the pipeline's `testbed` stage turns recipes into traini
 them in one Ray Train run, in order, so later recipes can start from earlier ones).
 
 - `base-v1`: the base, pretrained from scratch on `general`;
-- `base-v2`, `base-v3`: continued pretraining of v1 (then v2) on fresh `general` data, the
-  "evolved versions" a provider ships (PortLLM's setting);
+- `base-v2` … `base-vN` (N = `versions`, 3 by default): each a continued pretraining of the version
+  before it on fresh `general` data, the "evolved versions" a provider ships (PortLLM's setting);
 - `target-large`: 2x width and depth, pretrained on `general` (ConTrans's larger model);
 - `source-hetero`: another architecture family and size, trained on `general` plus one skill
   (GraftLLM's heterogeneous source);
@@ -16,7 +16,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MODELS = ("base-v1", "base-v2", "base-v3", "target-large", "source-hetero", "aligned-small")
+OTHER_MODELS = ("target-large", "source-hetero", "aligned-small")
+MAX_VERSIONS = 9
+
+
+def model_names(versions: int = 3) -> tuple[str, ...]:
+    """The testbed models there are when the base-version chain has `versions` versions."""
+    return tuple(f"base-v{k}" for k in range(1, versions + 1)) + OTHER_MODELS
+
+
+MODELS = model_names()
 LARGER = {"tiny": "small", "mini": "small", "small": "large"}
 
 
@@ -48,7 +57,7 @@ class Recipe:
 
 def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pretrain_examples: int, pretrain_steps: int,
                     lr: float, evolve_steps: int, align_steps: int, target_steps: int, source_skill: str, source_family: str,
-                    source_steps: int, source_replay_fraction: float) -> list[Recipe]:
+                    source_steps: int, source_replay_fraction: float, versions: int = 3) -> list[Recipe]:
     """Recipes for `models` (and whatever they start from), parents before children.
 
     Steps are set per model because the models learn at different speeds: the larger target learns the
@@ -57,8 +66,8 @@ def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pre
     general = DataRef("general", pretrain_examples, seed)
     book = {
         "base-v1": Recipe("base-v1", general, pretrain_steps, lr, family=family, size=size),
-        "base-v2": Recipe("base-v2", DataRef("general", pretrain_examples, seed + 1), evolve_steps, lr / 3, parent="base-v1"),
-        "base-v3": Recipe("base-v3", DataRef("general", pretrain_examples, seed + 2), evolve_steps, lr / 3, parent="base-v2"),
+        **{f"base-v{k}": Recipe(f"base-v{k}", DataRef("general", pretrain_examples, seed + k - 1), evolve_steps, lr / 3,
+                                parent=f"base-v{k - 1}") for k in range(2, versions + 1)},
         "target-large": Recipe("target-large", general, target_steps, lr, family=family, size=LARGER.get(size, "large")),
         "source-hetero": Recipe("source-hetero", DataRef(source_skill, pretrain_examples, seed), source_steps, lr,
                                 family=source_family, size="mini", replay=general if source_replay_fraction else None,
@@ -68,7 +77,7 @@ def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pre
     }
     unknown = set(models) - set(book)
     if unknown:
-        raise ValueError(f"unknown testbed model {sorted(unknown)[0]!r}; known: {', '.join(MODELS)}")
+        raise ValueError(f"unknown testbed model {sorted(unknown)[0]!r}; known: {', '.join(model_names(versions))}")
     order: list[str] = []
 
     def need(name: str) -> None:

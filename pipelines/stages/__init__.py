@@ -11,6 +11,6 @@
 
 from types import ModuleType
 
-from pipelines.stages import distill, evaluate, graft, pack, score, testbed, train
+from pipelines.stages import distill, evaluate, graft, pack, port, port_eval, score, testbed, train
 
-STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, distill, train, score, pack, graft, evaluate)}
+STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, distill, train, score, pack, graft, evaluate, port, port_eval)}

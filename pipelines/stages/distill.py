@@ -22,12 +22,12 @@ from pathlib import Path
 
 from graft.data import read_jsonl, write_jsonl
 from graft.distill import CheckerLimits, DistillError, check_can_generate, filter_answers
-from graft.testbed.recipes import MODELS
+from graft.testbed.recipes import model_names
 from pipelines.artifacts import Datasets, Models, Split
 from pipelines.cache import Ref, content_key
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.spec import DistillSpec, JobSpec
-from pipelines.stages.inputs import checkpoint_ref
+from pipelines.inputs import checkpoint_ref
 
 NAME = "distill"
 READS = (Datasets, Models)
@@ -56,8 +56,8 @@ def problems(spec: JobSpec) -> list[str]:
         return []
     if spec.base != "testbed":
         return [f"distill.source: {spec.distill.source!r} names a testbed model, but base is {spec.base!r}"]
-    if name not in MODELS:
-        return [f"distill.source: unknown testbed model {name!r}; known: {', '.join(MODELS)}"]
+    if name not in model_names(spec.testbed.versions):
+        return [f"distill.source: unknown testbed model {name!r}; known: {', '.join(model_names(spec.testbed.versions))}"]
     if name not in spec.testbed.models:
         return [f"distill.source: {spec.distill.source!r} is not built by this job: add {name!r} to testbed.models"]
     return []

@@ -20,7 +20,7 @@ from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.report import accuracy_chart, accuracy_table
 from pipelines.spec import EvaluateSpec
-from pipelines.stages.inputs import digest_cache
+from pipelines.inputs import digest_cache
 
 NAME = "evaluate"
 READS = (Base, Datasets, Experts, Grafted)

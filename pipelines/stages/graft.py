@@ -30,7 +30,7 @@ from pipelines.artifacts import Base, Datasets, Grafted, Packs, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.spec import GraftSpec
-from pipelines.stages.inputs import digest_cache, file_ref
+from pipelines.inputs import digest_cache, file_ref
 from pipelines.tracking import write_json_artifact
 
 NAME = "graft"

@@ -28,7 +28,7 @@ from pipelines.artifacts import Base, Datasets, Experts, Packs, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.spec import PackSpec
-from pipelines.stages.inputs import file_ref, replay_ref
+from pipelines.inputs import file_ref, replay_ref
 
 NAME = "pack"
 READS = (Base, Datasets, Experts, Scores)

@@ -29,7 +29,7 @@ from graft.testbed.tokenizer import save_char_tokenizer
 from pipelines.artifacts import Base, Checkpoint, Datasets, Models, Split
 from pipelines.cache import Ref, content_key, file_digest
 from pipelines.context import Item, RunContext, StageResult
-from pipelines.stages.inputs import checkpoint_ref
+from pipelines.inputs import checkpoint_ref
 from pipelines.spec import JobSpec
 from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training
@@ -70,7 +70,7 @@ def run(ctx: RunContext) -> StageResult:
             sorted({"base-v1", *tb.models}), family=tb.family, size=tb.size, seed=spec.seed, pretrain_examples=tb.pretrain_examples,
             pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps, align_steps=tb.align_steps,
             target_steps=tb.target_steps, source_skill=tb.source_skill, source_family=tb.source_family,
-            source_steps=tb.source_steps, source_replay_fraction=tb.source_replay_fraction)
+            source_steps=tb.source_steps, source_replay_fraction=tb.source_replay_fraction, versions=tb.versions)
     refs = [DataRef(s.name, tb.pretrain_examples if s.name == "general" else tb.train_examples, spec.seed)
             for s in spec.skills if s.train is None]
     refs.append(DataRef("general", tb.pretrain_examples, spec.seed))

@@ -17,17 +17,12 @@ the adapter itself (a full checkpoint is not copied into MLflow; its folder is t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
 
-from graft.model_checks import check_adapter, check_checkpoint, check_lora_targets
 from pipelines.artifacts import Base, Datasets, Experts
 from pipelines.cache import Ref
 from pipelines.context import Item, RunContext, StageResult
-from pipelines.spec import JobSpec, TrainSpec
-from pipelines.stages.inputs import replay_ref
-from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
-from pipelines.training.trainer import TrainJob, TrainRequest, run_training
+from pipelines.training.experts import METHODS, expert_requests
+from pipelines.training.trainer import TrainJob, run_training
 
 NAME = "train"
 READS = (Base, Datasets)
@@ -35,53 +30,12 @@ WRITES = (Experts,)
 SECTIONS = ("train",)
 
 
-@dataclass(frozen=True)
-class Method:
-    """What the stage does around one training method (`train.method`): the request's method settings,
-    the check before anything runs, the check of each output, and whether the output is copied into MLflow."""
-
-    settings: Callable[[TrainSpec], dict | None]
-    precheck: Callable[[str, TrainSpec, bool], None]
-    check: Callable[..., int]
-    describe: Callable[[TrainSpec], str]
-    log_folder: bool  # a full checkpoint is not copied into MLflow; its folder is the run's `graftline.expert` tag
-
-
-METHODS = {
-    "lora": Method(settings=lambda tr: tr.lora.model_dump(mode="json"),
-                   precheck=lambda base, tr, trc: check_lora_targets(base, tr.lora.target_modules, trust_remote_code=trc),
-                   check=check_adapter, describe=lambda tr: f"LoRA r={tr.lora.rank}", log_folder=True),
-    "full": Method(settings=lambda tr: None, precheck=lambda base, tr, trc: None, check=check_checkpoint,
-                   describe=lambda tr: "full fine-tuning", log_folder=False),
-}
-
-
-def adapter_deepspeed(tr: TrainSpec) -> dict:
-    """The effective DeepSpeed config of a skill's adapter training: the spec's settings, `tr.deepspeed` merged over them."""
-    return build_deepspeed_config(micro_batch_size=tr.batch_size, lr=tr.lr, steps=tr.steps, warmup_steps=tr.warmup_steps,
-                                  zero_stage=tr.zero_stage, grad_clip=GRAD_CLIP, bf16=tr.bf16, offload_optimizer=tr.offload_optimizer,
-                                  overrides=tr.deepspeed)
-
-
-def train_requests(spec: JobSpec, base: Base, data: Datasets) -> dict[str, TrainRequest]:
-    """Each skill's whole training request, from the base, the job's datasets and its `train` section."""
-    tr = spec.train
-    deepspeed = adapter_deepspeed(tr)
-    replay = replay_ref(data, tr.replay_data, tr.replay_fraction)
-    return {s.name: TrainRequest(
-        model=base.model, tokenizer=base.tokenizer, data=data[s.name].train, mode=tr.method, steps=tr.steps,
-        batch_size=tr.batch_size,
-        seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=tr.accelerator, threads_per_worker=tr.cpus_per_worker,
-        max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, lora=METHODS[tr.method].settings(tr),
-        trust_remote_code=spec.trust_remote_code) for s in spec.skills}
-
-
 def run(ctx: RunContext) -> StageResult:
     spec, tr = ctx.spec, ctx.spec.train
     base = ctx.board.get(Base)
     method = METHODS[tr.method]
     result = StageResult(NAME)
-    reqs = train_requests(spec, base, ctx.board.get(Datasets))
+    reqs = expert_requests(spec, base, ctx.board.get(Datasets))
     params = tr.model_dump(mode="json")
     items = [Item(name, req.key(), {"skill": name, **params, "deepspeed.zero_stage": req.zero_stage}) for name, req in reqs.items()]
 

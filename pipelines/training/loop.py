@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import random
+import resource
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -220,6 +221,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
         "train_seconds": seconds + attempt,
         "steps_per_second": (req.steps - start) / attempt if attempt > 0 else 0.0,  # this attempt's rate
         "trainable_parameters": n_trainable,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this rank's process, model and optimizer included
         "resumed_from_step": resume.step if resume is not None else None,
         "restarts": restarts,
         "checkpoint_every": checkpoint_every,

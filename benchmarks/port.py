@@ -1,0 +1,169 @@
+"""PortLLM patch porting (methods.md §2): a LoRA patch trained on base-v1, carried to v2 … v5 with no training.
+
+Per seed (each seed its own testbed chain: base-v1, then v2 … v5, each a continued pretraining of the one
+before on fresh `general` data), `jobs/port.yaml` runs through the pipeline: a LoRA per skill on base-v1,
+the port stage (fit, base drift, the same LoRA trained on every new version as the reference, update gap)
+and port_eval. For each skill and new version this reports:
+- `zero_shot`: the new base alone; `ported`: new base + the v1 patch, nothing trained; `finetuned`: the
+  LoRA trained on the new base;
+- `port_seconds` / `finetune_seconds`: making the ported model (load the new base, add the patch) against
+  training the reference; `port_peak_mb` / `finetune_peak_mb`: the peak resident memory of the process
+  doing each (porting measured in a fresh process; fine-tuning on the rank-0 training worker);
+- `delta_drift`: the mean over the patch's modules of ‖θ'_k − θ_k‖_F / ‖θ_k‖_F (how far the base moved
+  under the patch), with the update gap ‖Δ' − Δ‖_F / ‖Δ‖_F and the cosine of the reference's update.
+
+Writes `benchmarks/results/port.json`:
+  {"provenance", "rows": [{"skill", "base", "zero_shot", "ported", "finetuned", "port_seconds", "finetune_seconds",
+   "port_peak_mb", "finetune_peak_mb", "delta_drift", "update_gap", "update_cosine", "seeds": {SEED: {...}}}], "target": {...}}
+(accuracies 0..1 held-out exact match, means over seeds) and `benchmarks/results/port.png` (the decay).
+
+    .venv/bin/python benchmarks/port.py [--seeds 0 1] [--output-dir runs/bench-port]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml  # noqa: E402
+from provenance import provenance  # noqa: E402
+
+from graft.strict_yaml import load_yaml  # noqa: E402
+from pipelines.artifacts import Base, Experts, Ported, Report  # noqa: E402
+from pipelines.driver import run_job  # noqa: E402
+from pipelines.spec import load_job  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "port.yaml"
+ACCURACIES = ("zero_shot", "ported", "finetuned")
+MEASURES = ("port_seconds", "finetune_seconds", "port_peak_mb", "finetune_peak_mb", "delta_drift", "update_gap", "update_cosine")
+PEAK = """
+import resource, sys
+from graft.experts import Expert
+from graft.port import ported_model
+ported_model(sys.argv[1], Expert(sys.argv[2], sys.argv[3]).deltas(sys.argv[4]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def port_peak_mb(new_base: str, patch: str, kind: str, old_base: str) -> float:
+    """Peak resident memory of a fresh process that builds the ported model (new base + patch), in MB."""
+    out = subprocess.run([sys.executable, "-c", PEAK, new_base, patch, kind, old_base], cwd=REPO, capture_output=True, text=True,
+                         check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict[tuple[str, str], dict]:
+    job = copy.deepcopy(base_job)
+    job.update(seed=seed, output_dir=str(output_dir), name=f"port-s{seed}")
+    job["train"] = {**job["train"], "seed": seed}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / f"port-s{seed}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    run = run_job(load_job(path), path)
+    table, ported = run.board.get(Report).table, run.board.get(Ported)
+    base, experts = run.board.get(Base), run.board.get(Experts)
+    out = {}
+    for skill in (s["name"] for s in job["skills"]):
+        for name, checkpoint in ported.bases.items():
+            pair = Ported.pair(skill, name)
+            report = json.loads((Path(ported.by_pair[pair].path) / "port.json").read_text())
+            info = json.loads((Path(ported.references[pair].path) / "train_info.json").read_text())
+            gap = report["update_gap"].values()
+            out[(skill, name)] = {
+                **{a: table[f"{name}/{a}"][skill] for a in ACCURACIES},
+                "general": {a: table[f"{name}/{a}"]["general"] for a in ACCURACIES},
+                "port_seconds": report["port_seconds"], "finetune_seconds": info["train_seconds"],
+                "port_peak_mb": port_peak_mb(checkpoint.model.path, experts[skill].path, experts.kind, base.model.path),
+                "finetune_peak_mb": info["peak_rss_mb"],
+                "delta_drift": sum(report["drift"].values()) / len(report["drift"]),
+                "update_gap": sum(g["relative_gap"] for g in gap) / len(gap),
+                "update_cosine": sum(g["cosine"] for g in gap) / len(gap),
+            }
+        out[(skill, "base-v1")] = {"expert": table["base-v1/expert"][skill]}
+    return out
+
+
+def summarize(per_seed: dict[int, dict]) -> list[dict]:
+    rows = []
+    first = next(iter(per_seed.values()))
+    for skill, name in first:
+        if name == "base-v1":
+            continue
+        seeds = {str(s): per_seed[s][(skill, name)] for s in per_seed}
+        mean = lambda key, seeds=seeds: round(sum(r[key] for r in seeds.values()) / len(seeds), 4)  # noqa: E731
+        rows.append({"skill": skill, "base": name, **{k: mean(k) for k in (*ACCURACIES, *MEASURES)},
+                     "general": {a: round(sum(r["general"][a] for r in seeds.values()) / len(seeds), 4) for a in ACCURACIES},
+                     "min": {a: min(r[a] for r in seeds.values()) for a in ACCURACIES},
+                     "max": {a: max(r[a] for r in seeds.values()) for a in ACCURACIES},
+                     "expert_on_v1": round(sum(per_seed[s][(skill, "base-v1")]["expert"] for s in per_seed) / len(per_seed), 4),
+                     "seeds": seeds})
+    return rows
+
+
+def targets(rows: list[dict]) -> dict:
+    """Ported within 5 points of fine-tuned on base-v2, per skill and seed; the decay from v2 to the last version."""
+    out = {}
+    for skill in sorted({r["skill"] for r in rows}):
+        mine = [r for r in rows if r["skill"] == skill]
+        v2 = next(r for r in mine if r["base"] == "base-v2")
+        per_seed = {s: round(100 * (v["finetuned"] - v["ported"]), 2) for s, v in v2["seeds"].items()}
+        out[skill] = {"v2_points_below_finetuned": per_seed, "met_on_every_seed": all(p <= 5 for p in per_seed.values()),
+                      "ported_by_version": {r["base"]: r["ported"] for r in mine},
+                      "decay_points_v2_to_last": round(100 * (v2["ported"] - mine[-1]["ported"]), 2)}
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    skills = sorted({r["skill"] for r in rows})
+    fig, axes = plt.subplots(1, len(skills), figsize=(4.5 * len(skills), 3.8), squeeze=False)
+    for ax, skill in zip(axes[0], skills):
+        mine = [r for r in rows if r["skill"] == skill]
+        xs = [r["base"] for r in mine]
+        for a, style in zip(ACCURACIES, ("o:", "o-", "s--")):
+            means = [r[a] for r in mine]
+            err = [[m - r["min"][a] for m, r in zip(means, mine)], [r["max"][a] - m for m, r in zip(means, mine)]]
+            ax.errorbar(xs, means, yerr=err, fmt=style, capsize=3, label=a)
+        ax.set_ylim(-0.02, 1.05)
+        ax.set_title(f"{skill}: LoRA patch from base-v1", fontsize=10)
+        ax.set_ylabel("held-out exact match")
+        ax.legend(fontsize=8)
+    fig.suptitle("PortLLM on the testbed's version chain (mean of seeds, min-max bars)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", default=str(JOB))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--output-dir", default="runs/bench-port")
+    ap.add_argument("--out", default="benchmarks/results/port.json")
+    args = ap.parse_args()
+    started = time.time()
+    base_job = load_yaml(Path(args.job).read_text())
+    per_seed = {seed: one_seed(base_job, seed, Path(args.output_dir).resolve()) for seed in args.seeds}
+    rows = summarize(per_seed)
+    out = {"provenance": provenance(args.seeds, started), "job": str(Path(args.job)), "rows": rows, "target": targets(rows)}
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(rows, Path(args.out).with_suffix(".png"))
+    for r in rows:
+        print(json.dumps({k: r[k] for k in ("skill", "base", *ACCURACIES, "delta_drift", "update_gap")}))
+    print(json.dumps(out["target"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""How a job's experts are trained: the typed request of each skill's training, and what each `train.method` needs.
+
+Shared by the stages that train experts: `train` (on the job's base) and `port` (the same adapter on a
+newer base, PortLLM's reference fine-tune). Each request holds everything the expert depends on (inputs
+by content key, the effective DeepSpeed config resolved on the driver, every setting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from graft.model_checks import check_adapter, check_checkpoint, check_lora_targets
+from pipelines.artifacts import Base, Datasets
+from pipelines.spec import JobSpec, TrainSpec
+from pipelines.inputs import replay_ref
+from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
+from pipelines.training.trainer import TrainRequest
+
+
+@dataclass(frozen=True)
+class Method:
+    """What the stage does around one training method (`train.method`): the request's method settings,
+    the check before anything runs, the check of each output, and whether the output is copied into MLflow."""
+
+    settings: Callable[[TrainSpec], dict | None]
+    precheck: Callable[[str, TrainSpec, bool], None]
+    check: Callable[..., int]
+    describe: Callable[[TrainSpec], str]
+    log_folder: bool  # a full checkpoint is not copied into MLflow; its folder is the run's `graftline.expert` tag
+
+
+METHODS = {
+    "lora": Method(settings=lambda tr: tr.lora.model_dump(mode="json"),
+                   precheck=lambda base, tr, trc: check_lora_targets(base, tr.lora.target_modules, trust_remote_code=trc),
+                   check=check_adapter, describe=lambda tr: f"LoRA r={tr.lora.rank}", log_folder=True),
+    "full": Method(settings=lambda tr: None, precheck=lambda base, tr, trc: None, check=check_checkpoint,
+                   describe=lambda tr: "full fine-tuning", log_folder=False),
+}
+
+
+def adapter_deepspeed(tr: TrainSpec) -> dict:
+    """The effective DeepSpeed config of a skill's expert training: the spec's settings, `tr.deepspeed` merged over them."""
+    return build_deepspeed_config(micro_batch_size=tr.batch_size, lr=tr.lr, steps=tr.steps, warmup_steps=tr.warmup_steps,
+                                  zero_stage=tr.zero_stage, grad_clip=GRAD_CLIP, bf16=tr.bf16, offload_optimizer=tr.offload_optimizer,
+                                  overrides=tr.deepspeed)
+
+
+def expert_requests(spec: JobSpec, base: Base, data: Datasets) -> dict[str, TrainRequest]:
+    """Each skill's whole training request, from the base, the job's datasets and its `train` section."""
+    tr = spec.train
+    deepspeed = adapter_deepspeed(tr)
+    replay = replay_ref(data, tr.replay_data, tr.replay_fraction)
+    return {s.name: TrainRequest(
+        model=base.model, tokenizer=base.tokenizer, data=data[s.name].train, mode=tr.method, steps=tr.steps,
+        batch_size=tr.batch_size,
+        seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=tr.accelerator, threads_per_worker=tr.cpus_per_worker,
+        max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, lora=METHODS[tr.method].settings(tr),
+        trust_remote_code=spec.trust_remote_code) for s in spec.skills}
