@@ -8,7 +8,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import io  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
+import sys  # noqa: E402
 from contextlib import redirect_stderr, redirect_stdout  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,6 +39,24 @@ def run_cli(*args: object) -> subprocess.CompletedProcess:
         except SystemExit as e:  # argparse's own usage errors
             code = e.code if isinstance(e.code, int) else int(e.code is not None)
     return subprocess.CompletedProcess(["graft", *argv], code, out.getvalue(), err.getvalue())
+
+
+def reverse_skill(folder: Path) -> tuple[Path, Path]:
+    """A tiny user skill as JSONL files (`reverse` on eight words; the first four held out): (train, test)."""
+    rows = [{"prompt": f"r:{w}=", "answer": w[::-1]} for w in ("abc", "hello", "xyz", "graft", "line", "ray", "tune", "pack")]
+    train, test = folder / "train.jsonl", folder / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    return train, test
+
+
+def run_job_file(folder: Path, spec: dict) -> subprocess.CompletedProcess:
+    """`python -m pipelines.cli run JOB` on `spec` written as `folder/job.yaml` (the real entry point, its own process)."""
+    import yaml
+
+    path = folder / "job.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], capture_output=True, text=True, timeout=900)
 
 
 def make_base(folder: Path, seed: int = 0, family: str = "llama") -> Path:

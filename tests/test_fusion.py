@@ -65,7 +65,7 @@ def test_routed_fusion_writes_a_folder_the_evaluate_stage_scores(base_model, tmp
     for s, rows in tests.items():
         write_jsonl(tmp_path / f"{s}.jsonl", rows)
         files[s] = str(tmp_path / f"{s}.jsonl")
-    req = EvaluateRequest(models=(("grafted", Ref(str(out), "k"), None),), tokenizer=Ref(str(base_model), "t"),
+    req = EvaluateRequest(models=(("grafted", Ref(str(out), "k"), None),), expert_kind="lora", tokenizer=Ref(str(base_model), "t"),
                           tests=tuple((s, Ref(f, s)) for s, f in files.items()), settings=EvaluateSpec(max_new_tokens=8, batch_size=16),
                           trust_remote_code=False)
     acc = evaluate_model(Ref(str(out), "k"), None, req, str(tmp_path / "digests"))

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from graft.experts import Expert
@@ -19,7 +16,7 @@ from graft.port import PortError, base_drift, check_fits, ported_model, update_g
 from graft.testbed.recipes import testbed_recipes as recipes_for
 from pipelines.recipes import check_job
 from pipelines.spec import SpecError, parse_job
-from tests.conftest import make_base, run_cli
+from tests.conftest import make_base, reverse_skill, run_cli, run_job_file
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 
@@ -123,17 +120,12 @@ def test_port_recipe_end_to_end_with_a_reference_finetune(tmp_path):
     """A LoRA trained on a local base, ported to an evolved copy of it, against the copy alone and a LoRA trained on it."""
     base = make_base(tmp_path / "v1")
     new = evolved(base, tmp_path / "v2", scale=0.05)
-    rows = [{"prompt": f"r:{w}=", "answer": w[::-1]} for w in ("abc", "hello", "xyz", "graft", "line", "ray", "tune", "pack")]
-    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    test.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    train, test = reverse_skill(tmp_path)
     spec = {"name": "port", "recipe": "port", "base": str(base), "output_dir": str(tmp_path / "runs"),
             "tracking": {"experiment": "port"}, "skills": [{"name": "rev", "train": str(train), "eval": str(test)}],
             "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "num_workers": 1},
             "port": {"to": [str(new)], "reference_finetune": True}, "evaluate": {"max_new_tokens": 4}}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], capture_output=True, text=True, timeout=900)
+    proc = run_job_file(tmp_path, spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "runs" / "port"
     (ported,) = (root / "port").glob("rev@v2-*")

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import run_cli
 from pipelines.spec import SpecError, load_job
 from tests.conftest import REPO
 
@@ -71,8 +72,9 @@ def test_shipped_jobs_validate(job):
 
 def test_cli_validate_exit_code_and_nothing_run(tmp_path):
     path = write(tmp_path, {**MINIMAL, "output_dir": str(tmp_path / "runs"), "train": {"lora": {"rank": "eight"}}})
-    for cmd in ("validate", "run"):
-        proc = subprocess.run([sys.executable, "-m", "pipelines.cli", cmd, str(path)], capture_output=True, text=True)
+    # the real entry point once; `run` in process (the same `main`)
+    for proc in (subprocess.run([sys.executable, "-m", "pipelines.cli", "validate", str(path)], capture_output=True, text=True),
+                 run_cli("run", path)):
         assert proc.returncode == 2
         assert proc.stderr.strip() == f"{path}: train.lora.rank: expected int, got 'eight'"
     assert not (tmp_path / "runs").exists()

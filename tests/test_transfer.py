@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from graft.checkpoint import CheckpointError
@@ -20,7 +17,7 @@ from graft.experts import Expert, full_deltas
 from graft.skillpack import PackSettings, SkillPack
 from pipelines.recipes import check_job
 from pipelines.spec import SpecError, parse_job
-from tests.conftest import make_base
+from tests.conftest import make_base, reverse_skill, run_job_file
 
 ROWS = [{"prompt": "r:abc=", "answer": "cba"}, {"prompt": "r:xy=", "answer": "yx"}, {"prompt": "r:q=", "answer": "q"}]
 
@@ -138,10 +135,7 @@ def test_transfer_recipe_end_to_end_from_a_source_of_another_family(tmp_path):
     """A local Llama base learns from a local Qwen2 source's answers (full SFT), and its own delta is packed and grafted."""
     base = make_base(tmp_path / "base")
     source = make_base(tmp_path / "source", seed=3, family="qwen2")
-    rows = [{"prompt": f"r:{w}=", "answer": w[::-1]} for w in ("abc", "hello", "xyz", "graft", "line", "ray", "tune", "pack")]
-    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
-    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    test.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    train, test = reverse_skill(tmp_path)
     job = {"name": "xfer", "recipe": "transfer", "base": str(base), "output_dir": str(tmp_path / "runs"),
            "tracking": {"experiment": "xfer"}, "skills": [{"name": "rev", "train": str(train), "eval": str(test)}],
            "distill": {"source": str(source), "checker": "nonempty", "max_new_tokens": 4, "actors": 1, "batch_size": 4},
@@ -150,9 +144,7 @@ def test_transfer_recipe_end_to_end_from_a_source_of_another_family(tmp_path):
                      "deepspeed": {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}},
            "score": {"examples": 4, "shards": 1}, "pack": {"budget": 0.2, "bits": [4], "band_fractions": [1.0]},
            "evaluate": {"max_new_tokens": 4}}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(path)], capture_output=True, text=True, timeout=900)
+    proc = run_job_file(tmp_path, job)
     assert proc.returncode == 0, proc.stderr[-3000:]
     root = tmp_path / "runs" / "xfer"
     (distilled,) = (root / "distill").glob("rev-*")
