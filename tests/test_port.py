@@ -117,13 +117,16 @@ def test_validate_names_a_new_base_the_job_does_not_build():
 
 @pytest.mark.integration
 def test_port_recipe_end_to_end_with_a_reference_finetune(tmp_path):
-    """A LoRA trained on a local base, ported to an evolved copy of it, against the copy alone and a LoRA trained on it."""
+    """A LoRA trained on a local base under ZeRO-3, ported to an evolved copy of it, against the copy alone and a LoRA trained on it."""
     base = make_base(tmp_path / "v1")
     new = evolved(base, tmp_path / "v2", scale=0.05)
     train, test = reverse_skill(tmp_path)
     spec = {"name": "port", "recipe": "port", "base": str(base), "output_dir": str(tmp_path / "runs"),
             "tracking": {"experiment": "port"}, "skills": [{"name": "rev", "train": str(train), "eval": str(test)}],
-            "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "num_workers": 1},
+            # ZeRO-3 with every parameter partitioned: each LoRA (the patch, and the reference on the new base) must be
+            # gathered before it is saved, or its tensors are written empty
+            "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "zero_stage": 3,
+                      "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
             "port": {"to": [str(new)], "reference_finetune": True}, "evaluate": {"max_new_tokens": 4}}
     proc = run_job_file(tmp_path, spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -133,8 +136,12 @@ def test_port_recipe_end_to_end_with_a_reference_finetune(tmp_path):
     assert report["drift"] and all(0 < v < 0.2 for v in report["drift"].values())
     assert set(report["update_gap"]) == set(report["drift"])
     assert all(-1 <= g["cosine"] <= 1 and g["relative_gap"] >= 0 for g in report["update_gap"].values())
+    (patch,) = (root / "train").glob("rev-*")
     (reference,) = (root / "port").glob("reference-rev@v2-*")
-    assert (reference / "adapter_model.safetensors").is_file()
+    for adapter in (patch, reference):
+        assert json.loads((adapter / "train_info.json").read_text())["zero_stage"] == 3
+        shapes = [tuple(t.shape) for t in load_file(adapter / "adapter_model.safetensors").values()]
+        assert shapes and all(len(s) == 2 and min(s) > 0 for s in shapes)
     (evaluated,) = (root / "port_eval").glob("report-*")
     table = json.loads((evaluated / "eval.json").read_text())
     assert set(table) == {"v1/expert", "v2/zero_shot", "v2/ported", "v2/finetuned"}

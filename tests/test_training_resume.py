@@ -27,7 +27,9 @@ from pipelines.training.deepspeed_config import build_deepspeed_config
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training
 from tests.conftest import make_base
 
-pytestmark = pytest.mark.integration
+# The faults benchmark (benchmarks/faults.py) kills a worker the same way on every run of it; here it is kept
+# out of the default run for time, and runs with `make test-all`.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Ray Train V2 rewrites this file in the run folder each time it registers a checkpoint (Ray 2.60's layout).
 SNAPSHOT = "checkpoint_manager_snapshot.json"
