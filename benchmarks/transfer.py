@@ -7,13 +7,14 @@ the skill), the pipeline runs these variants of `jobs/transfer.yaml`, reusing ev
   the reference are kept, the base is fully fine-tuned on them (Ray Train + DeepSpeed ZeRO-2);
 - `pack_1_15`, `pack_1_30`: that full-SFT delta as a SkillPack at 1/15 and 1/30 of its bf16 bytes
   (3-bit GPTQ, importance-aware ranks, grids tuned 40 passes), grafted into the base;
-- `distilled_lora`: the same distilled data, a LoRA expert (rank 16) instead;
+- `distilled_lora`: the same distilled data, a LoRA expert (rank 16) instead, and `lora_pack_1_15`: its
+  SkillPack at 1/15 of its own bf16 delta (the same pack settings), grafted;
 - `gold_full`: for reference, the graft recipe: full SFT on the gold answers, no source;
 - `source`, `target_base`: the source and the bare base.
 Every variant is scored by held-out exact match on the skill and on `general` (what the graft cost).
 
 Writes `benchmarks/results/transfer.json`:
-  {"provenance", "rows": [{"skill", "source", "target_base", "distilled_lora", "distilled_full", "pack_1_15",
+  {"provenance", "rows": [{"skill", "source", "target_base", "distilled_lora", "lora_pack_1_15", "distilled_full", "pack_1_15",
    "pack_1_30", "gold_full", "general": {VARIANT: float}, "pack_1_15_bytes_ratio", "pack_1_30_bytes_ratio",
    "seeds": {SEED: {...the same, per seed..., "distill": {...}}}}], "target": {...}}
 (accuracies 0..1, means over seeds) and `benchmarks/results/transfer.png`.
@@ -44,7 +45,7 @@ from pipelines.spec import load_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "transfer.yaml"
-VARIANTS = ("source", "target_base", "distilled_lora", "distilled_full", "pack_1_15", "pack_1_30", "gold_full")
+VARIANTS = ("source", "target_base", "distilled_lora", "lora_pack_1_15", "distilled_full", "pack_1_15", "pack_1_30", "gold_full")
 LORA = {"method": "lora", "lr": 0.01, "lora": {"rank": 16, "alpha": 32}}
 
 
@@ -99,6 +100,7 @@ def one_seed(base: dict, seed: int, output_dir: Path) -> dict[str, dict]:
             "source": source_accuracy(runs["full_1_15"], skill, base["evaluate"]["max_new_tokens"]),
             "target_base": tables["full_1_15"]["base"],
             "distilled_lora": tables["lora"][f"expert-{skill}"],
+            "lora_pack_1_15": tables["lora"]["grafted"],
             "distilled_full": tables["full_1_15"][f"expert-{skill}"],
             "pack_1_15": tables["full_1_15"]["grafted"],
             "pack_1_30": tables["full_1_30"]["grafted"],
