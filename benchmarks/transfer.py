@@ -106,7 +106,8 @@ def one_seed(base: dict, seed: int, output_dir: Path) -> dict[str, dict]:
             "pack_1_30": tables["full_1_30"]["grafted"],
             "gold_full": tables["gold"][f"expert-{skill}"],
         }
-        distill = runs["full_1_15"].results["distill"].metrics.get(skill, {})
+        distilled = Path(runs["full_1_15"].board.get(Datasets)[skill].train.path).parent
+        distill = json.loads((distilled / "distill.json").read_text())  # kept / dropped counts, also when the stage was reused
         out[skill] = {**{v: acc[v][skill] for v in VARIANTS}, "general": {v: acc[v]["general"] for v in VARIANTS},
                       "pack_1_15_bytes_ratio": pack_ratio(runs["full_1_15"], skill),
                       "pack_1_30_bytes_ratio": pack_ratio(runs["full_1_30"], skill), "distill": distill}
