@@ -162,13 +162,13 @@ def plot(rows: list[dict], path: Path) -> None:
         err = [[m - row["min"][v] for m, v in zip(means, VARIANTS)], [row["max"][v] - m for m, v in zip(means, VARIANTS)]]
         bars = ax.bar([i - 0.2 for i in x], means, 0.4, yerr=err, capsize=3, label=f"{row['skill']} (held-out)")
         ax.bar([i + 0.2 for i in x], [row["general"][v] for v in VARIANTS], 0.4, label="general", color="#bbbbbb")
-        for b, m in zip(bars, means):
-            ax.text(b.get_x() + b.get_width() / 2, m + 0.02, f"{m:.2f}", ha="center", fontsize=8)
+        for b, m, v in zip(bars, means, VARIANTS):
+            ax.text(b.get_x() + b.get_width() / 2, row["max"][v] + 0.03, f"{m:.2f}", ha="center", fontsize=8)
         ax.set_xticks(list(x), [v.replace("_", "\n") for v in VARIANTS], fontsize=8)
-        ax.set_ylim(0, 1.15)
+        ax.set_ylim(0, 1.3)
         ax.set_ylabel("exact match")
         ax.set_title(f"{row['skill']}: source-hetero (Qwen2) → base (Llama); mean of seeds, min-max bars", fontsize=9)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper center", ncols=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
