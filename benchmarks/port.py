@@ -6,9 +6,10 @@ the port stage (fit, base drift, the same LoRA trained on every new version as t
 and port_eval. For each skill and new version this reports:
 - `zero_shot`: the new base alone; `ported`: new base + the v1 patch, nothing trained; `finetuned`: the
   LoRA trained on the new base;
-- `port_seconds` / `finetune_seconds`: making the ported model (load the new base, add the patch) against
-  training the reference; `port_peak_mb` / `finetune_peak_mb`: the peak resident memory of the process
-  doing each (porting measured in a fresh process; fine-tuning on the rank-0 training worker);
+- `port_seconds` / `finetune_seconds`: making the ported model in a fresh process (imports, loading the
+  new base, adding the patch) against training the reference (its Ray Train run's training time);
+  `port_peak_mb` / `finetune_peak_mb`: the peak resident memory of the process doing each (that fresh
+  process; the rank-0 training worker, which holds one of two data-parallel replicas);
 - `delta_drift`: the mean over the patch's modules of ‖θ'_k − θ_k‖_F / ‖θ_k‖_F (how far the base moved
   under the patch), with the update gap ‖Δ' − Δ‖_F / ‖Δ‖_F and the cosine of the reference's update.
 
@@ -45,20 +46,22 @@ REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "port.yaml"
 ACCURACIES = ("zero_shot", "ported", "finetuned")
 MEASURES = ("port_seconds", "finetune_seconds", "port_peak_mb", "finetune_peak_mb", "delta_drift", "update_gap", "update_cosine")
-PEAK = """
-import resource, sys
+PORT = """
+import resource, sys, time
+t0 = time.time()
 from graft.experts import Expert
 from graft.port import ported_model
 ported_model(sys.argv[1], Expert(sys.argv[2], sys.argv[3]).deltas(sys.argv[4]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(time.time() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
 
-def port_peak_mb(new_base: str, patch: str, kind: str, old_base: str) -> float:
-    """Peak resident memory of a fresh process that builds the ported model (new base + patch), in MB."""
-    out = subprocess.run([sys.executable, "-c", PEAK, new_base, patch, kind, old_base], cwd=REPO, capture_output=True, text=True,
+def port_cost(new_base: str, patch: str, kind: str, old_base: str) -> tuple[float, float]:
+    """Seconds (imports included) and peak resident memory in MB of a fresh process that builds the ported model."""
+    out = subprocess.run([sys.executable, "-c", PORT, new_base, patch, kind, old_base], cwd=REPO, capture_output=True, text=True,
                          check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+    seconds, peak = out.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(peak)
 
 
 def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict[tuple[str, str], dict]:
@@ -78,12 +81,12 @@ def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict[tuple[str, str
             report = json.loads((Path(ported.by_pair[pair].path) / "port.json").read_text())
             info = json.loads((Path(ported.references[pair].path) / "train_info.json").read_text())
             gap = report["update_gap"].values()
+            port_seconds, port_peak_mb = port_cost(checkpoint.model.path, experts[skill].path, experts.kind, base.model.path)
             out[(skill, name)] = {
                 **{a: table[f"{name}/{a}"][skill] for a in ACCURACIES},
                 "general": {a: table[f"{name}/{a}"]["general"] for a in ACCURACIES},
-                "port_seconds": report["port_seconds"], "finetune_seconds": info["train_seconds"],
-                "port_peak_mb": port_peak_mb(checkpoint.model.path, experts[skill].path, experts.kind, base.model.path),
-                "finetune_peak_mb": info["peak_rss_mb"],
+                "port_seconds": port_seconds, "finetune_seconds": info["train_seconds"],
+                "port_peak_mb": port_peak_mb, "finetune_peak_mb": info["peak_rss_mb"],
                 "delta_drift": sum(report["drift"].values()) / len(report["drift"]),
                 "update_gap": sum(g["relative_gap"] for g in gap) / len(gap),
                 "update_cosine": sum(g["cosine"] for g in gap) / len(gap),
