@@ -129,11 +129,6 @@ class DistillSpec(Strict):
     cpus_per_actor: int = Field(1, gt=0)
     max_chars: int = Field(2000, gt=0, description="longest answer the nonempty checker keeps")
 
-    @property
-    def testbed_model(self) -> str | None:
-        """The testbed model named by `source`, or None when it is a folder or hub id."""
-        return self.source.removeprefix("testbed:") if self.source.startswith("testbed:") else None
-
 
 class PortSpec(Strict):
     """PortLLM (methods.md §2): each skill's patch (its expert, trained on `base`) applied to newer versions of the

@@ -22,12 +22,11 @@ from pathlib import Path
 
 from graft.data import read_jsonl, write_jsonl
 from graft.distill import CheckerLimits, DistillError, check_can_generate, filter_answers
-from graft.testbed.recipes import model_names
 from pipelines.artifacts import Datasets, Models, Split
 from pipelines.cache import Ref, content_key
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.spec import DistillSpec, JobSpec
-from pipelines.inputs import checkpoint_ref
+from pipelines.inputs import named_model, named_model_problems
 
 NAME = "distill"
 READS = (Datasets, Models)
@@ -48,19 +47,7 @@ class DistillRequest:
 
 def problems(spec: JobSpec) -> list[str]:
     """A testbed source the job does not build, or a source folder that is not there."""
-    name, source = spec.distill.testbed_model, spec.distill.source
-    if name is None:
-        looks_local = source.startswith(("/", ".", "~")) or Path(source).expanduser().exists()
-        if looks_local and not Path(source).expanduser().is_dir():
-            return [f"distill.source: {source}: no such checkpoint folder"]
-        return []
-    if spec.base != "testbed":
-        return [f"distill.source: {spec.distill.source!r} names a testbed model, but base is {spec.base!r}"]
-    if name not in model_names(spec.testbed.versions):
-        return [f"distill.source: unknown testbed model {name!r}; known: {', '.join(model_names(spec.testbed.versions))}"]
-    if name not in spec.testbed.models:
-        return [f"distill.source: {spec.distill.source!r} is not built by this job: add {name!r} to testbed.models"]
-    return []
+    return named_model_problems("distill.source", spec.distill.source, spec)
 
 
 class Answerer:
@@ -85,16 +72,6 @@ class Answerer:
         answers = generate_answers(self.model, self.tokenizer, [str(p) for p in batch["prompt"]], self.max_new_tokens,
                                    self.batch_size)
         return {"skill": batch["skill"], "index": batch["index"], "answer": np.array(answers, dtype=object)}
-
-
-def source_of(spec: JobSpec, models: Models) -> tuple[Ref, Ref]:
-    """The source's model and tokenizer references: a testbed model's, or the named folder's (or hub id's)."""
-    name = spec.distill.testbed_model
-    if name is not None:
-        checkpoint = models[name]
-        return checkpoint.model, checkpoint.tokenizer
-    ref = checkpoint_ref(spec.distill.source)
-    return ref, ref
 
 
 def answer_prompts(reqs: dict[str, DistillRequest], rows: dict[str, list[dict]], settings: DistillSpec) -> dict[str, list[str]]:
@@ -133,10 +110,12 @@ def precheck(source: Ref, tokenizer: Ref, trust_remote_code: bool) -> None:
 def run(ctx: RunContext) -> StageResult:
     spec, ds = ctx.spec, ctx.spec.distill
     data = ctx.board.get(Datasets)
-    source, tokenizer = source_of(spec, ctx.board.get(Models))
+    checkpoint = named_model(ds.source, ctx.board.get(Models))
+    source, tokenizer = checkpoint.model, checkpoint.tokenizer
     result = StageResult(NAME)
     reqs = {s.name: DistillRequest(source, tokenizer, data[s.name].train, ds, spec.trust_remote_code) for s in spec.skills}
-    items = [Item(name, content_key(req), {"skill": name, **ds.model_dump(mode="json")}) for name, req in reqs.items()]
+    keys = {name: content_key(req) for name, req in reqs.items()}
+    items = [Item(name, keys[name], {"skill": name, **ds.model_dump(mode="json")}) for name in reqs]
 
     def build(todo) -> dict[str, dict[str, float]]:
         precheck(source, tokenizer, spec.trust_remote_code)
@@ -159,7 +138,6 @@ def run(ctx: RunContext) -> StageResult:
     paths = ctx.run_items(NAME, items, build, result)
     by_name = dict(data.by_name)
     for name, path in paths.items():
-        key = content_key(reqs[name])
-        by_name[name] = Split(Ref(str(Path(path) / "train.jsonl"), f"{key}:train"), data[name].test)
+        by_name[name] = Split(Ref(str(Path(path) / "train.jsonl"), f"{keys[name]}:train"), data[name].test)
     result.artifacts.append(Datasets(by_name))
     return result

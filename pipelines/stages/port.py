@@ -23,11 +23,10 @@ from pathlib import Path
 
 from graft.experts import Expert
 from graft.port import base_drift, check_fits, update_gap
-from graft.testbed.recipes import model_names
 from pipelines.artifacts import Base, Checkpoint, Datasets, Experts, Models, Ported
 from pipelines.cache import Ref, content_key
 from pipelines.context import Item, RunContext, StageResult
-from pipelines.inputs import checkpoint_ref
+from pipelines.inputs import TESTBED, named_model, named_model_problems
 from pipelines.spec import JobSpec
 from pipelines.training.experts import METHODS, expert_requests
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training
@@ -51,37 +50,12 @@ class PortRequest:
 
 def problems(spec: JobSpec) -> list[str]:
     """New bases the job does not build (testbed names) or that are not there (folders)."""
-    out = []
-    known = model_names(spec.testbed.versions)
-    for target in spec.port.to:
-        if target.startswith("testbed:"):
-            name = target.removeprefix("testbed:")
-            if spec.base != "testbed":
-                out.append(f"port.to: {target!r} names a testbed model, but base is {spec.base!r}")
-            elif name not in known:
-                out.append(f"port.to: unknown testbed model {name!r}; known with testbed.versions={spec.testbed.versions}: "
-                           f"{', '.join(known)}")
-            elif name not in spec.testbed.models:
-                out.append(f"port.to: {target!r} is not built by this job: add {name!r} to testbed.models")
-        elif (target.startswith(("/", ".", "~")) or Path(target).expanduser().exists()) and not Path(target).expanduser().is_dir():
-            out.append(f"port.to: {target}: no such checkpoint folder")
-    return out
+    return [line for target in spec.port.to for line in named_model_problems("port.to", target, spec)]
 
 
 def base_name(target: str) -> str:
     """A new base's short name: the testbed model's, or the folder's."""
-    return target.removeprefix("testbed:") if target.startswith("testbed:") else Path(target).name
-
-
-def new_bases(spec: JobSpec, models: Models) -> dict[str, Checkpoint]:
-    out = {}
-    for target in spec.port.to:
-        if target.startswith("testbed:"):
-            out[base_name(target)] = models[base_name(target)]
-        else:
-            ref = checkpoint_ref(target)
-            out[base_name(target)] = Checkpoint(ref, ref)
-    return out
+    return target.removeprefix(TESTBED) if target.startswith(TESTBED) else Path(target).name
 
 
 def reference_requests(spec: JobSpec, bases: dict[str, Checkpoint], data: Datasets) -> dict[str, TrainRequest]:
@@ -96,7 +70,8 @@ def reference_requests(spec: JobSpec, bases: dict[str, Checkpoint], data: Datase
 def run(ctx: RunContext) -> StageResult:
     spec = ctx.spec
     base, data, experts = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Experts)
-    bases = new_bases(spec, ctx.board.get(Models))
+    models = ctx.board.get(Models)
+    bases = {base_name(target): named_model(target, models) for target in spec.port.to}
     result = StageResult(NAME)
     references: dict[str, Ref] = {}
     if spec.port.reference_finetune:
