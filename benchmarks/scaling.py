@@ -79,7 +79,7 @@ def main() -> None:
                 ds = build_deepspeed_config(micro_batch_size=16, lr=1e-3, steps=args.steps, warmup_steps=10, zero_stage=2,
                                             grad_clip=GRAD_CLIP, bf16=False, offload_optimizer=False)
                 req = TrainRequest(model=base, tokenizer=base, data=data, mode="lora", steps=args.steps, batch_size=16, seed=0,
-                                   deepspeed=ds, num_workers=n, lora={"rank": 8, "alpha": 16, "dropout": 0.0,
+                                   deepspeed=ds, num_workers=n, adapter={"rank": 8, "alpha": 16, "dropout": 0.0,
                                                                       "target_modules": ["q_proj", "v_proj", "down_proj"]})
                 run_training([TrainJob(req, str(out))], tmp / "ray_train", f"scaling-{n}", checkpoint_every=args.steps, max_failures=0)
                 training[str(n)] = json.loads((out / "train_info.json").read_text())["steps_per_second"]

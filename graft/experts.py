@@ -4,7 +4,8 @@ A SkillPack is the compressed delta of an expert (methods.md §1.2: θ_after −
 expert make that delta, each one unit registered by name in `EXPERT_KINDS`:
 - `lora`: a PEFT adapter folder; its delta is low rank and stays factored (`graft.lora`);
 - `full`: a fine-tuned checkpoint of the base's architecture (GraftLLM's full SFT); its delta is dense,
-  taken tensor by tensor against the base, and only tensors that changed are kept.
+  taken tensor by tensor against the base, and only tensors that changed are kept;
+- `sparse`: a PEFT SHiRA adapter folder (`graft.sparse`); its delta is sparse and stays so (`SparseDelta`).
 Each kind knows how to load the expert as a model (scoring, calibration, evaluation) and how to read
 its deltas, keyed by the base's tensor names.
 """
@@ -21,8 +22,9 @@ import torch
 from graft.checkpoint import CheckpointError, CheckpointReader, weight_files
 from graft.lora import LowRankDelta, load_with_adapter, read_lora_deltas
 from graft.registry import Registry
+from graft.sparse import SparseDelta, load_sparse, read_sparse_deltas
 
-Delta = torch.Tensor | LowRankDelta
+Delta = torch.Tensor | LowRankDelta | SparseDelta
 
 
 @dataclass(frozen=True)
@@ -106,3 +108,4 @@ def _load_full(base: str | Path, expert: str | Path, trust_remote_code: bool) ->
 EXPERT_KINDS.register("lora")(ExpertKind(load=lambda base, folder, trc: load_with_adapter(base, folder, trc),
                                          deltas=lambda base, folder: dict(read_lora_deltas(folder))))
 EXPERT_KINDS.register("full")(ExpertKind(load=_load_full, deltas=lambda base, folder: dict(full_deltas(base, folder))))
+EXPERT_KINDS.register("sparse")(ExpertKind(load=load_sparse, deltas=lambda base, folder: dict(read_sparse_deltas(folder, base))))

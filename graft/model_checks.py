@@ -142,3 +142,38 @@ def check_checkpoint(folder: str | Path, reference: str | Path, *, trust_remote_
     if info.get("missing_keys"):
         raise ModelCheckError(f"{folder}: loading leaves tensor {sorted(info['missing_keys'])[0]} uninitialised")
     return len(written.keys())
+
+
+def check_sparse_targets(base: str | Path, target_modules: list[str], keep_fraction: float, lora_rank: int | None = None, *,
+                         trust_remote_code: bool = False) -> list[str]:
+    """The base's linear modules a sparse adapter with `target_modules` adapts; ModelCheckError when a target matches
+    none or a non-linear module, or when `keep_fraction` asks some module for more entries than it has.
+
+    Run before training, on the meta device (no weight is read), so a setting that cannot work fails at once.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from graft.sparse import SparseError, shira_rank, target_linears
+
+    config = AutoConfig.from_pretrained(str(base), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    try:
+        modules = target_linears(model, target_modules)
+        shira_rank([tuple(m.weight.shape) for m in modules.values()], keep_fraction, lora_rank)
+    except SparseError as e:
+        raise ModelCheckError(f"sparse adapter on {base}: {e}") from None
+    return sorted(modules)
+
+
+def check_sparse_adapter(folder: str | Path, base: str | Path, *, trust_remote_code: bool = False) -> int:
+    """Refuse (ModelCheckError) a sparse (SHiRA) adapter folder that does not apply to `base`; returns its kept entries."""
+    from graft.sparse import SparseError, read_sparse_deltas
+
+    folder = Path(folder)
+    if folder.is_dir():
+        _refuse_pickles(folder)
+    try:
+        return sum(d.kept for d in read_sparse_deltas(folder, base).values())
+    except (SparseError, CheckpointError) as e:
+        raise ModelCheckError(str(e)) from None

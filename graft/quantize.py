@@ -29,18 +29,42 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in [0, 2**bits) into a flat uint8 tensor of ceil(n·bits/8) bytes."""
     if bits not in VALID_BITS:
         raise ValueError(f"bits must be one of {VALID_BITS}, got {bits}")
-    flat = codes.reshape(-1).to(torch.int64)
-    stream = ((flat[:, None] >> torch.arange(bits)) & 1).reshape(-1)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(pad)])
-    return (stream.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+    return pack_uints(codes, bits)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     """The `numel` codes of `pack_bits` output, as int64."""
-    stream = ((packed.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[: numel * bits]
-    return (stream.view(numel, bits) << torch.arange(bits)).sum(1)
+    return unpack_uints(packed, bits, numel)
+
+
+PACK_CHUNK = 1 << 20  # codes per step: bounds the bit stream held at once to chunk·bits int64s
+
+
+def pack_uints(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative integers below 2**bits (1 ≤ bits ≤ 62), packed little-endian into ceil(n·bits/8) bytes, in chunks."""
+    if not 1 <= bits <= 62:
+        raise ValueError(f"bits must be in 1..62, got {bits}")
+    flat = codes.reshape(-1).to(torch.int64)
+    out = []
+    for start in range(0, max(1, flat.numel()), PACK_CHUNK):  # PACK_CHUNK·bits is a multiple of 8: chunks end on byte bounds
+        stream = ((flat[start:start + PACK_CHUNK, None] >> torch.arange(bits)) & 1).reshape(-1)
+        pad = (-stream.numel()) % 8
+        if pad:
+            stream = torch.cat([stream, stream.new_zeros(pad)])
+        out.append((stream.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8))
+    return torch.cat(out)
+
+
+def unpack_uints(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
+    """The `numel` integers of `pack_uints` output, as int64."""
+    out = []
+    step = PACK_CHUNK * bits // 8
+    for i, start in enumerate(range(0, max(1, numel), PACK_CHUNK)):
+        n = min(PACK_CHUNK, numel - start)
+        chunk = packed[i * step:i * step + -(-n * bits // 8)]
+        stream = ((chunk.to(torch.int64)[:, None] >> torch.arange(8)) & 1).reshape(-1)[: n * bits]
+        out.append((stream.view(n, bits) << torch.arange(bits)).sum(1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
 
 
 def column_grid(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

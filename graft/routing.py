@@ -12,7 +12,7 @@ on the untouched base.
 - Routing is decided once per sequence, at prefill (a forward call with no KV cache, or an empty one),
   and kept for the decode steps that follow in `generate`, one weight vector per batch row.
 - Deltas are applied on the fly by forward hooks, never densified: an SVD-compressed pack adds
-  (x @ V) @ Uᵀ to a linear layer's output; a magnitude-pruned pack (embeddings, LM head) stays a
+  (x @ V) @ Uᵀ to a linear layer's output; a magnitude-pruned or sparse entry (embeddings, LM head, a sparse adapter) stays a
   sparse matrix, looked up by token id or multiplied sparse × dense; a bias delta is added as is.
   Other vector deltas (norm weights) are applied by re-running that small module with its parameter
   patched, once per distinct routing vector in the batch: exact, and cheap because they are vectors.
@@ -229,12 +229,12 @@ def _parts_for(pack: SkillPack, index: int, key: str, module: nn.Module, param: 
             u, v = pack.factors(key)  # ΔW = U Vᵀ; Linear stores W as (out, in), Conv1D as (in, out)
             left, right = (v, u) if linear else (u, v)
             return _Part(index, "lowrank", {"left": left, "right": right}, param)
-        if scheme == "magnitude_prune":
+        if (positions := pack.positions(key)) is not None:
             rows, cols = shape
-            idx = pack.tensors[f"{key}::index"].long()
+            idx, value = positions
             ij = torch.stack([idx // cols, idx % cols])
             m_shape = [rows, cols] if linear else [cols, rows]  # m maps input to output: out = m @ x
-            return _Part(index, "sparse", {"index": ij if linear else ij.flip(0), "value": pack.tensors[f"{key}::value"],
+            return _Part(index, "sparse", {"index": ij if linear else ij.flip(0), "value": value,
                                            "shape": torch.tensor(m_shape)}, param)
         d = pack.delta(key)
         return _Part(index, "dense", {"m": d.T if linear else d}, param)
@@ -242,10 +242,10 @@ def _parts_for(pack: SkillPack, index: int, key: str, module: nn.Module, param: 
         if scheme == "svd_quant":
             u, v = pack.factors(key)
             return _Part(index, "embed_lowrank", {"u": u, "v": v}, param)
-        if scheme == "magnitude_prune":
-            idx = pack.tensors[f"{key}::index"].long()
+        if (positions := pack.positions(key)) is not None:
+            idx, value = positions
             return _Part(index, "embed_sparse", {"index": torch.stack([idx // shape[1], idx % shape[1]]),
-                                                 "value": pack.tensors[f"{key}::value"], "shape": torch.tensor(shape)}, param)
+                                                 "value": value, "shape": torch.tensor(shape)}, param)
         return _Part(index, "embed_dense", {"d": pack.delta(key)}, param)
     return _Part(index, "patch", {"d": pack.delta(key)}, param)  # norms etc.: re-run the module, parameter patched
 

@@ -13,7 +13,9 @@ Module-aware compression of Δ = θ_after − θ_before:
   GPTQ-style against H, U is refit to the rounded V (least squares in the output on such inputs) and
   then rounded GPTQ-style too; with `weighted_svd` the SVD is of Δ·diag(s), s = sqrt(diag H), so the
   kept directions are the ones that move the layer's output, not the largest in weight space.
-- vectors (norms, biases): fp16 (`dense`).
+- vectors (norms, biases): fp16 (`dense`);
+- a sparse adapter's deltas (`graft.sparse.SparseDelta`) stay sparse: each kept entry's flat position,
+  bit-packed at ceil(log2(numel)) bits, and its value in fp16 (`sparse`).
 A folder holds `pack.safetensors` (the compressed tensors: bytes on disk are the compressed bytes)
 and `skillpack.json` (format version, base fingerprint, per-tensor scheme and bytes, source info,
 checksums of every other file, and a hash of the manifest itself). Loading parses the manifest by its
@@ -43,10 +45,11 @@ from graft.calibration import rms_scales
 from graft.fingerprint import tensor_digest
 from graft.lora import LowRankDelta
 from graft.manifests import SKILLPACK_FORMAT, SKILLPACK_VERSION, SkillPackManifest
-from graft.quantize import QUANTIZERS, VALID_BITS, encode_codes, from_grid, unpack_bits
+from graft.quantize import QUANTIZERS, VALID_BITS, encode_codes, from_grid, pack_uints, unpack_bits, unpack_uints
 from graft.registry import Registry
 from graft.safetensors_io import NAMES, SafetensorsError, read_header
 from graft.signing import SIGNATURE, sign_folder
+from graft.sparse import SparseDelta
 
 FORMAT, FORMAT_VERSION = SKILLPACK_FORMAT, SKILLPACK_VERSION
 MANIFEST, PAYLOAD = "skillpack.json", "pack.safetensors"
@@ -54,7 +57,7 @@ NOT_PAYLOAD = frozenset({MANIFEST, MARKER, SIGNATURE})  # files of a pack folder
 EMBEDDING_MARKERS = ("embed_tokens", "lm_head", "wte", "wpe", "embed_out")
 GRID_BYTES = 4  # fp16 min + fp16 step per quantized column
 
-Delta = torch.Tensor | LowRankDelta
+Delta = torch.Tensor | LowRankDelta | SparseDelta
 
 
 class SkillPackError(ArtifactError):
@@ -305,7 +308,7 @@ def _decode_svd_quant(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
 
 
 def _dense(delta: Delta) -> torch.Tensor:
-    return delta.dense() if isinstance(delta, LowRankDelta) else delta.float()
+    return delta.dense() if isinstance(delta, (LowRankDelta, SparseDelta)) else delta.float()
 
 
 def _encode_magnitude_prune(delta: Delta, st: PackSettings,
@@ -405,14 +408,59 @@ class DenseEntry(_Entry):
     scheme: Literal["dense"]
 
 
+def index_bits(numel: int) -> int:
+    """Bits one flat position of a tensor of `numel` entries takes."""
+    return max(1, (numel - 1).bit_length())
+
+
+def _encode_sparse(delta: Delta, st: PackSettings, moment: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    if not isinstance(delta, SparseDelta):
+        raise SkillPackError("the sparse scheme takes a sparse adapter's delta")
+    bits = index_bits(math.prod(delta.shape))
+    return ({"index": pack_uints(delta.index, bits), "value": delta.values.half()},
+            {"shape": list(delta.shape), "kept": delta.kept, "index_bits": bits})
+
+
+class SparseEntry(_Entry):
+    scheme: Literal["sparse"]
+    kept: PositiveInt
+    index_bits: int = Field(ge=1, le=62)
+
+    @model_validator(mode="after")
+    def _fits(self) -> "SparseEntry":
+        if self.kept > math.prod(self.shape) or self.index_bits != index_bits(math.prod(self.shape)):
+            raise ValueError(f"kept {self.kept} entries at {self.index_bits} bits do not fit a tensor of shape {self.shape}")
+        return self
+
+
+def _sparse_layout(e: SparseEntry) -> Layout:
+    return {"index": ("U8", (-(-e.kept * e.index_bits // 8),)), "value": ("F16", (e.kept,))}
+
+
+def _sparse_positions(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    idx = unpack_uints(t["index"], meta["index_bits"], meta["kept"])
+    if len(idx) and int(idx.max()) >= math.prod(meta["shape"]):
+        raise SkillPackError(f"sparse entry of shape {meta['shape']} has an index outside the tensor")
+    return idx
+
+
+def _decode_sparse(t: dict[str, torch.Tensor], meta: dict) -> torch.Tensor:
+    out = torch.zeros(math.prod(meta["shape"]))
+    out[_sparse_positions(t, meta)] = t["value"].float()
+    return out.view(meta["shape"])
+
+
 SCHEMES.register("svd_quant")(Scheme(_encode_svd_quant, _decode_svd_quant, SvdQuantEntry, _svd_layout))
 SCHEMES.register("magnitude_prune")(Scheme(_encode_magnitude_prune, _decode_magnitude_checked, MagnitudePruneEntry, _magnitude_layout))
+SCHEMES.register("sparse")(Scheme(_encode_sparse, _decode_sparse, SparseEntry, _sparse_layout))
 SCHEMES.register("dense")(Scheme(_encode_dense, lambda t, meta: t["value"].float().view(meta["shape"]), DenseEntry,
                                  lambda e: {"value": ("F16", tuple(e.shape))}))
 
 
 def scheme_for(key: str, delta: Delta) -> str:
-    """The module-aware choice of compression for one tensor."""
+    """The module-aware choice of compression for one tensor (a sparse adapter's delta stays sparse)."""
+    if isinstance(delta, SparseDelta):
+        return "sparse"
     if any(m in key for m in EMBEDDING_MARKERS):
         return "magnitude_prune"
     return "svd_quant" if len(_shape(delta)) == 2 else "dense"
@@ -453,6 +501,19 @@ class SkillPack:
         if entry["scheme"] != "svd_quant":
             return None
         return _svd_factors(self.stored(key), entry)
+
+    def positions(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(flat positions, fp16 values) of an entry that stores only some entries of its tensor; None for others.
+
+        Lets a sparse delta be applied as a sparse matrix without forming the dense one.
+        """
+        entry = self.manifest["tensors"][key]
+        t = self.stored(key)
+        if entry["scheme"] == "sparse":
+            return _sparse_positions(t, entry), t["value"]
+        if entry["scheme"] == "magnitude_prune":
+            return t["index"].long(), t["value"]
+        return None
 
     @property
     def name(self) -> str:
@@ -616,7 +677,10 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
     schemes = {}
     for key in sorted(deltas):
         delta = deltas[key]
-        check = delta.A.abs().sum() + delta.B.abs().sum() if isinstance(delta, LowRankDelta) else delta.abs().sum()
+        if isinstance(delta, LowRankDelta):
+            check = delta.A.abs().sum() + delta.B.abs().sum()
+        else:
+            check = (delta.values if isinstance(delta, SparseDelta) else delta).abs().sum()
         if not torch.isfinite(check):
             raise SkillPackError(f"delta for tensor {key!r} holds NaN or Inf")
         schemes[key] = scheme_for(key, delta)

@@ -23,7 +23,10 @@ def _fail(message: str, code: int) -> int:
 def one_line(e: BaseException) -> str:
     """An exception as one line: a refusal (ValueError, graftline's own included) by its message, others prefixed by their type."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    first = text.strip().splitlines()[0] if text.strip() else "failed"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    first = lines[0] if lines else "failed"
+    if first.endswith(":") and len(lines) > 1:  # a header over details (a worker's traceback): its last line is the cause
+        first = f"{first} {lines[-1]}"
     return first if isinstance(e, ValueError) else f"{type(e).__name__}: {first}"
 
 

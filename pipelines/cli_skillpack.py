@@ -212,7 +212,8 @@ def _left_padded_tokenizer(folder: str):
 def _expert_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("expert", help="the expert: a PEFT LoRA adapter folder, or with --kind full a fine-tuned checkpoint of --base")
     parser.add_argument("--kind", default="lora",
-                        help="lora: an adapter on --base; full: a fully fine-tuned checkpoint (its delta is taken against --base)")
+                        help="lora: a LoRA adapter on --base; sparse: a sparse (SHiRA) adapter on --base; full: a fully fine-tuned "
+                             "checkpoint (its delta is taken against --base)")
 
 
 def cmd_port(args: argparse.Namespace) -> int:
@@ -314,7 +315,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     po = sub.add_parser("port", help="apply a patch trained on one base version to a newer version, with no training (PortLLM)")
     po.add_argument("patch", help="the patch: a PEFT LoRA adapter folder, or with --kind full a fine-tuned checkpoint of --from")
-    po.add_argument("--kind", default="lora", help="lora or full (see `graft pack --kind`)")
+    po.add_argument("--kind", default="lora", help="lora, sparse or full (see `graft pack --kind`)")
     po.add_argument("--from", dest="old", required=True, help="the base the patch was trained on")
     po.add_argument("--to", dest="new", required=True, help="the newer base to carry it to")
     _writes(po, "the ported checkpoint folder (+ port.json: the base's drift under the patch, per tensor)")

@@ -29,6 +29,7 @@ from graft.fusion import FUSIONS
 from graft.importance import SCORES
 from graft.quantize import QUANTIZERS, VALID_BITS
 from graft.skillpack import RANK_VALUES, PackSettings
+from graft.sparse import MASK_RULES
 from graft.strict_yaml import load_yaml
 from graft.testbed.recipes import MAX_VERSIONS, model_names
 from graft.testbed.skills import SKILLS
@@ -168,13 +169,28 @@ class LoraSpec(Strict):
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+class SparseSpec(Strict):
+    """Sparse adapters (`train.method: sparse`, methods.md §3): PEFT SHiRA deltas on the target modules, their
+    entries chosen before training by `rule` and kept fixed (`graft.sparse`)."""
+
+    rule: Annotated[str, AfterValidator(MASK_RULES.check)] = Field("snip", description="what picks the trained entries: "
+                                                                    "random, magnitude (|θ|) or snip (|g ⊙ θ| on the skill's batches)")
+    keep_fraction: float = Field(0.1, gt=0, le=1, description="share of the target modules' weights trained; SHiRA sizes every "
+                                 "module by one r, so the kept count is the nearest r·Σ(m + n) to this share of Σ m·n")
+    match_lora_rank: int | None = Field(None, gt=0, description="instead of keep_fraction: as many trainable entries as a LoRA of "
+                                        "this rank on the same modules (SHiRA's r), a full-rank adapter at LoRA's size (\"large-sparse\")")
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], min_length=1)
+    score_batches: int = Field(4, gt=0, le=1000, description="batches of the skill's training rows `snip` scores on")
+
+
 class TrainSpec(Strict):
     """Expert training: one Ray Train run for all skills, DeepSpeed ZeRO on `num_workers` workers."""
 
-    method: Literal["lora", "full"] = Field("lora", description="lora: a PEFT LoRA adapter per skill; full: full fine-tuning "
-                                            "(GraftLLM's SFT; the SkillPack then compresses the dense delta). Full fine-tuning "
-                                            "usually wants a smaller `lr` than LoRA")
+    method: Literal["lora", "full", "sparse"] = Field("lora", description="lora: a PEFT LoRA adapter per skill; full: full "
+                                                      "fine-tuning (GraftLLM's SFT; the SkillPack then compresses the dense delta; "
+                                                      "usually wants a smaller `lr`); sparse: a sparse adapter (`train.sparse`)")
     lora: LoraSpec = LoraSpec()
+    sparse: SparseSpec = SparseSpec()
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="a `deepspeed` override's zero_optimization.stage, when set, "
                                             "is the stage that runs (and what MLflow records as deepspeed.zero_stage)")
     num_workers: int = Field(2, gt=0)

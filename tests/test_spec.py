@@ -78,3 +78,24 @@ def test_cli_validate_exit_code_and_nothing_run(tmp_path):
         assert proc.returncode == 2
         assert proc.stderr.strip() == f"{path}: train.lora.rank: expected int, got 'eight'"
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_error_with_details_under_a_header_ends_with_its_cause():
+    from pipelines.cli import one_line
+
+    worker = RuntimeError("Training failed due to worker errors:\n[Rank 0 Error Snippet]:\nTraceback (most recent call last):\n"
+                          "  File \"loop.py\", line 1, in f\nKeyError: 'rule'\n")
+    assert one_line(worker) == "RuntimeError: Training failed due to worker errors: KeyError: 'rule'"
+    assert one_line(ValueError("job.yaml: train.steps: must be > 0\nsecond line")) == "job.yaml: train.steps: must be > 0"
+
+
+@pytest.mark.parametrize("sparse, key, says", [
+    ({"keep_fraction": 0}, "train.sparse.keep_fraction", "greater than 0"),
+    ({"keep_fraction": 1.5}, "train.sparse.keep_fraction", "less than or equal to 1"),
+    ({"rule": "grasp"}, "train.sparse.rule", "unknown mask rule 'grasp'"),
+    ({"match_lora_rank": 0}, "train.sparse.match_lora_rank", "greater than 0"),
+])
+def test_sparse_settings_that_cannot_work_name_the_key(tmp_path, sparse, key, says):
+    path = write(tmp_path, {**MINIMAL, "train": {"method": "sparse", "sparse": sparse}})
+    (line,) = error_lines(path)
+    assert line.startswith(f"{path}: {key}: ") and says in line

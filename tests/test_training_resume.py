@@ -99,7 +99,7 @@ def tiny_request(tmp: Path, mode: str, steps: int, deepspeed: dict, model: Path)
         write_jsonl(data, generate("reverse", "train", 200, 0))
     return TrainRequest(model=Ref(str(model), "base"), tokenizer=Ref(str(model), "base"), data=Ref(str(data), "data"), mode=mode,
                         steps=steps, batch_size=4, seed=0, deepspeed=deepspeed, num_workers=2, accelerator="cpu",
-                        lora={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]} if mode == "lora" else None)
+                        adapter={"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]} if mode == "lora" else None)
 
 
 def train_with_a_kill(tmp: Path, dashboard: str, jobs: list[TrainJob], kill_during: int, every: int) -> dict:

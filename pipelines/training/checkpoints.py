@@ -38,14 +38,14 @@ class Resume:
         return cls(folder, run["job"], run["step"], run["tag"], run["restarts"], state)
 
 
-def save(engine, *, rank: int, job: int, step: int, restarts: int, lora: bool, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+def save(engine, *, rank: int, job: int, step: int, restarts: int, adapter: bool, state: dict[str, Any], metrics: dict[str, Any]) -> None:
     """Every rank: save the engine and this rank's loop `state` to a local folder and report it to Ray Train (a barrier)."""
     import ray.train
     import torch.distributed as dist
 
     with tempfile.TemporaryDirectory(prefix="graftline-ckpt-") as tmp:
         tag = f"job{job}-step{step}"
-        engine.save_checkpoint(tmp, tag=tag, exclude_frozen_parameters=lora)  # a LoRA's frozen base comes from its model
+        engine.save_checkpoint(tmp, tag=tag, exclude_frozen_parameters=adapter)  # an adapter's frozen base comes from its model
         (Path(tmp) / RANK_STATE.format(rank)).write_text(json.dumps(state))
         if rank == 0:
             (Path(tmp) / RUN_STATE).write_text(json.dumps({"job": job, "step": step, "tag": tag, "restarts": restarts}))
@@ -53,10 +53,10 @@ def save(engine, *, rank: int, job: int, step: int, restarts: int, lora: bool, s
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
-def load(engine, resume: Resume, *, lora: bool) -> None:
+def load(engine, resume: Resume, *, adapter: bool) -> None:
     """Load the engine's weights, optimizer and scheduler state from `resume`'s checkpoint, reading no pickle."""
     _weights_only_loads(engine)
-    loaded, _ = engine.load_checkpoint(str(resume.folder), tag=resume.tag, load_module_strict=not lora)
+    loaded, _ = engine.load_checkpoint(str(resume.folder), tag=resume.tag, load_module_strict=not adapter)
     if loaded is None:  # DeepSpeed only warns when it finds no checkpoint
         raise RuntimeError(f"{resume.folder}: no DeepSpeed checkpoint {resume.tag!r} to resume from")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from graft.model_checks import check_adapter, check_checkpoint, check_lora_targets
+from graft.model_checks import check_adapter, check_checkpoint, check_lora_targets, check_sparse_adapter, check_sparse_targets
 from pipelines.artifacts import Base, Datasets
 from pipelines.spec import JobSpec, TrainSpec
 from pipelines.inputs import replay_ref
@@ -34,9 +34,17 @@ METHODS = {
     "lora": Method(settings=lambda tr: tr.lora.model_dump(mode="json"),
                    precheck=lambda base, tr, trc: check_lora_targets(base, tr.lora.target_modules, trust_remote_code=trc),
                    check=check_adapter, describe=lambda tr: f"LoRA r={tr.lora.rank}", log_folder=True),
+    "sparse": Method(settings=lambda tr: tr.sparse.model_dump(mode="json"), precheck=lambda base, tr, trc: check_sparse_targets(
+                         base, tr.sparse.target_modules, tr.sparse.keep_fraction, tr.sparse.match_lora_rank, trust_remote_code=trc),
+                     check=check_sparse_adapter, describe=lambda tr: _describe_sparse(tr), log_folder=True),
     "full": Method(settings=lambda tr: None, precheck=lambda base, tr, trc: None, check=check_checkpoint,
                    describe=lambda tr: "full fine-tuning", log_folder=False),
 }
+
+
+def _describe_sparse(tr: TrainSpec) -> str:
+    size = f"LoRA r{tr.sparse.match_lora_rank}'s size" if tr.sparse.match_lora_rank else f"keep {tr.sparse.keep_fraction:g}"
+    return f"sparse adapter ({tr.sparse.rule}, {size})"
 
 
 def adapter_deepspeed(tr: TrainSpec) -> dict:
@@ -55,5 +63,5 @@ def expert_requests(spec: JobSpec, base: Base, data: Datasets) -> dict[str, Trai
         model=base.model, tokenizer=base.tokenizer, data=data[s.name].train, mode=tr.method, steps=tr.steps,
         batch_size=tr.batch_size,
         seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=tr.accelerator, threads_per_worker=tr.cpus_per_worker,
-        max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, lora=METHODS[tr.method].settings(tr),
+        max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, adapter=METHODS[tr.method].settings(tr),
         trust_remote_code=spec.trust_remote_code) for s in spec.skills}

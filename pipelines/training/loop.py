@@ -119,6 +119,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     from graft.data import collate, encode_examples, read_jsonl
     from pipelines.training import checkpoints
     from pipelines.training.deepspeed_config import zero_stage_of
+    from pipelines.training.modes import MODES
 
     req = job.request
     if req.loop_version != LOOP_VERSION:
@@ -127,12 +128,9 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path, trust_remote_code=req.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(req.model.path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=req.trust_remote_code)
-    if req.mode == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(
-            r=req.lora["rank"], lora_alpha=req.lora["alpha"], lora_dropout=req.lora["dropout"],
-            target_modules=list(req.lora["target_modules"]), task_type="CAUSAL_LM"))
+    mode = MODES[req.mode]
+    if mode.wrap is not None:
+        model = mode.wrap(model, req, tok)
     trainable = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in trainable)
 
@@ -152,7 +150,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
 
     start, losses, seconds, restarts = 0, [], 0.0, 0
     if resume is not None:
-        checkpoints.load(engine, resume, lora=req.mode == "lora")
+        checkpoints.load(engine, resume, adapter=mode.adapter)
         state = resume.rank_state
         skill.restore(state["skill"])
         if replay is not None:
@@ -178,7 +176,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     def save_checkpoint(done: int, trained_seconds: float) -> None:
         state = {"skill": skill.state(), "replay": replay.state() if replay else None, "rng": checkpoints.rng_state(),
                  "losses": losses, "seconds": trained_seconds}
-        checkpoints.save(engine, rank=rank, job=index, step=done, restarts=restarts, lora=req.mode == "lora", state=state,
+        checkpoints.save(engine, rank=rank, job=index, step=done, restarts=restarts, adapter=mode.adapter, state=state,
                          metrics={"job": index, "step": done, "train_loss": losses[-1]})
 
     engine.train()
@@ -229,7 +227,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     }
     out = Path(job.out_dir)
     module = engine.module
-    with _gathered(trainable if req.mode == "lora" else module.parameters(), stage):
+    with _gathered(trainable if mode.adapter else module.parameters(), stage):
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             module.save_pretrained(str(out))

@@ -18,8 +18,8 @@ from graft.atomic import scratch_dir
 from pipelines.cache import Ref, content_key
 from pipelines.training.deepspeed_config import zero_stage_of
 from pipelines.training.loop import LOOP_VERSION, train_loop
+from pipelines.training.modes import MODES
 
-MODES = ("lora", "full")
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class TrainRequest:
     model: Ref  # the checkpoint training starts from
     tokenizer: Ref
     data: Ref  # prompt/answer JSONL
-    mode: str  # "lora" (a PEFT adapter on `model`) or "full" (a whole checkpoint)
+    mode: str  # "full" (a whole checkpoint), or an adapter on `model`: "lora", "sparse"
     steps: int
     batch_size: int  # per worker
     seed: int
@@ -41,15 +41,15 @@ class TrainRequest:
     max_length: int = 64
     replay: Ref | None = None  # JSONL replayed in every batch, `replay_fraction` of it
     replay_fraction: float = 0.0
-    lora: dict[str, Any] | None = None  # rank, alpha, dropout, target_modules (mode "lora")
+    adapter: dict[str, Any] | None = None  # the adapter mode's settings (lora: rank, alpha, dropout, target_modules; sparse: ...)
     trust_remote_code: bool = False
     loop_version: int = LOOP_VERSION
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"training mode must be one of {MODES}, got {self.mode!r}")
-        if (self.mode == "lora") != (self.lora is not None):
-            raise ValueError("a LoRA training needs `lora` settings, and only a LoRA training takes them")
+            raise ValueError(f"training mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        if MODES[self.mode].adapter != (self.adapter is not None):
+            raise ValueError(f"mode {self.mode!r}: an adapter training needs `adapter` settings, and only an adapter training takes them")
         zero_stage_of(self.deepspeed)
 
     @property
