@@ -19,8 +19,9 @@ def write_jsonl(path: str | Path, rows: list[dict[str, str]]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, str]]:
-    """Read prompt/answer rows (other fields kept); a malformed line is an error naming the file and line."""
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = ("prompt", "answer")) -> list[dict[str, str]]:
+    """Read rows with string `fields` (prompt/answer by default; other fields kept); a malformed line is an error
+    naming the file and line."""
     rows = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -30,8 +31,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in ("prompt", "answer")):
-                raise ValueError(f"{path}:{i}: each line needs string fields 'prompt' and 'answer'")
+            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) for k in fields):
+                needs = " and ".join(repr(k) for k in fields)
+                raise ValueError(f"{path}:{i}: each line needs " + (f"string fields {needs}" if fields else "a JSON object"))
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no examples")

@@ -1,6 +1,6 @@
 """PortLLM (methods.md §2): a patch trained on one version of a base, carried to a later version with no training.
 
-A patch is an expert's delta Δ (a LoRA adapter's scaled B·A, or a full fine-tune's θ_ft − θ), keyed by
+A patch is an expert's delta Δ (a LoRA adapter's scaled B·A, a sparse adapter's entries, or a full fine-tune's θ_ft − θ), keyed by
 the base's tensor names (`graft.experts`). Porting it to the evolved base θ' is θ' + Δ: nothing trains.
 This module says whether a patch fits a new base and measures what the paper's argument rests on:
 - `check_fits(deltas, new_base)`: every tensor the patch changes is in θ' with Δ's shape (PortError
@@ -23,6 +23,7 @@ from graft.artifacts import ArtifactError
 from graft.checkpoint import CheckpointReader
 from graft.lora import LowRankDelta
 from graft.skillpack import Delta
+from graft.sparse import SparseDelta
 
 
 class PortError(ArtifactError):
@@ -31,7 +32,7 @@ class PortError(ArtifactError):
 
 def dense(delta: Delta) -> torch.Tensor:
     """A delta as a dense fp32 tensor in the base tensor's shape."""
-    return delta.dense().float() if isinstance(delta, LowRankDelta) else delta.float()
+    return delta.dense().float() if isinstance(delta, (LowRankDelta, SparseDelta)) else delta.float()
 
 
 def check_fits(deltas: Mapping[str, Delta], new_base: str | Path) -> None:

@@ -118,6 +118,24 @@ class Ported:
 
 
 @dataclass(frozen=True)
+class Concepts:
+    """What a concept transplant is fitted from (`concepts.safetensors`): the source's concept vector at every layer,
+    and both models' last-token states on the shared prompts; with the two models it was taken from."""
+
+    folder: Ref
+    source: Checkpoint
+    target: Checkpoint
+
+
+@dataclass(frozen=True)
+class Transplanted:
+    """The chosen concept transplant (a `graft.transplant.Transplant` folder) and the target it applies to."""
+
+    folder: Ref
+    target: Checkpoint
+
+
+@dataclass(frozen=True)
 class Grafted:
     """The base with the job's packs in it: a checkpoint folder, or a routed-model folder."""
 

@@ -109,3 +109,6 @@ _register(Recipe("transfer", ("testbed", "distill", "train", "score", "pack", "g
 _register(Recipe("port", ("testbed", "train", "port", "port_eval"),
                  "PortLLM patch porting: each skill's expert, trained on the base, applied to newer base versions with no training, "
                  "against the new bases alone and (port.reference_finetune) the same expert trained on them"))
+_register(Recipe("transplant", ("testbed", "concepts", "transplant"),
+                 "ConTrans concept transplantation: a concept vector taken in a small aligned model, mapped into a larger one by "
+                 "an affine map between their hidden states, and injected into one of its layers, swept over layer and strength"))

@@ -30,6 +30,7 @@ from graft.importance import SCORES
 from graft.quantize import QUANTIZERS, VALID_BITS
 from graft.skillpack import RANK_VALUES, PackSettings
 from graft.sparse import MASK_RULES
+from graft.transplant import BEHAVIOURS, VECTORS
 from graft.strict_yaml import load_yaml
 from graft.testbed.recipes import MAX_VERSIONS, model_names
 from graft.testbed.skills import SKILLS
@@ -145,6 +146,37 @@ class PortSpec(Strict):
     def _unique(cls, v: list[str]) -> list[str]:
         if len(set(v)) != len(v):
             raise ValueError(f"each new base once, got {v}")
+        return v
+
+
+class TransplantSpec(Strict):
+    """ConTrans (methods.md §5): a concept vector taken in `source` on the concept skill's positive/negative pairs,
+    mapped into `target` by an affine map fitted on shared `general` prompts, and added to one target layer's output."""
+
+    source: str = Field("testbed:aligned-small", description="the aligned model: testbed:NAME or a checkpoint folder / hub id")
+    target: str = Field("testbed:target-large", description="the model the concept is transplanted into")
+    concept: str | None = Field(None, description="the job skill holding the pairs (default: the first skill): rows with "
+                                "prompt/answer/negative (positive = prompt + answer) or positive/negative texts")
+    vector: Annotated[str, AfterValidator(VECTORS.check)] = Field("mean", description="mean of the pair differences, or pca "
+                                                                  "(their first principal component)")
+    behaviour: Annotated[str, AfterValidator(BEHAVIOURS.check)] = Field("brackets", description="what shows the concept in a "
+                                                                        "completion (and what is stripped before `general` is scored)")
+    target_layers: list[int] | None = Field(None, min_length=1, description="target layers swept; default: all")
+    source_layer: int | None = Field(None, ge=0, description="source layer of the vector; default: each target layer's "
+                                     "relative depth in the source")
+    alphas: list[float] = Field([0.0, 1.0, 2.0, 5.0], min_length=1, description="injection strengths swept")
+    pairs: int = Field(200, gt=1, description="positive/negative pairs the vector is taken on")
+    prompts: int = Field(2000, gt=4, description="shared `general` prompts the affine map is fitted on (80%) and checked on (20%)")
+    examples: int = Field(100, gt=0, description="held-out prompts each sweep point is scored on")
+    shards: int = Field(2, gt=0, le=64, description="Ray tasks per model for hidden-state extraction")
+    max_general_drop: float = Field(0.05, ge=0, le=1, description="the chosen point may cost `general` at most this much")
+    seed: int = Field(0, description="seed of the random-direction control")
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float]) -> list[float]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"each alpha once, got {v}")
         return v
 
 
@@ -472,6 +504,7 @@ class JobSpec(Strict):
     skills: list[SkillSpec] = Field(min_length=1)
     distill: DistillSpec = DistillSpec()
     port: PortSpec = PortSpec()
+    transplant: TransplantSpec = TransplantSpec()
     train: TrainSpec = TrainSpec()
     score: ScoreSpec = ScoreSpec()
     pack: PackSpec = PackSpec()

@@ -19,7 +19,7 @@ from graft.skillpack import PackSettings, SkillPack, SkillPackError, index_bits,
 from graft.sparse import (SparseDelta, SparseError, load_sparse, masks_for, read_sparse_deltas, shira_model, shira_rank,
                           target_linears, top_masks)
 from graft.testbed.skills import generate
-from tests.conftest import make_base, reverse_skill, run_job_file
+from tests.conftest import make_base, reverse_skill, run_cli, run_job_file
 
 torch.set_num_threads(1)
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -235,3 +235,24 @@ def test_sparse_experts_train_pack_graft_and_evaluate_end_to_end(tmp_path):
     assert {e["scheme"] for e in manifest["tensors"].values()} == {"sparse"}
     report = json.loads(next((root / "evaluate").glob("report-*/eval.json")).read_text())
     assert set(report) == {"base", "expert-rev", "grafted"}
+
+
+def test_cli_packs_a_sparse_adapter_and_refuses_one_given_as_lora(base_model, sparse_adapter, tmp_path):
+    ok = run_cli("pack", sparse_adapter["folder"], "--kind", "sparse", "--base", base_model, "--out", tmp_path / "pack")
+    assert ok.returncode == 0, ok.stderr
+    manifest = json.loads((tmp_path / "pack" / "skillpack.json").read_text())
+    assert {e["scheme"] for e in manifest["tensors"].values()} == {"sparse"} and manifest["source"]["expert_kind"] == "sparse"
+    wrong = run_cli("pack", sparse_adapter["folder"], "--base", base_model, "--out", tmp_path / "as-lora")
+    assert wrong.returncode == 2 and len(wrong.stderr.strip().splitlines()) == 1 and "peft_type" in wrong.stderr
+    assert not (tmp_path / "as-lora").exists()
+
+
+def test_a_sparse_patch_ports_to_a_new_base_as_its_entries(base_model, sparse_adapter, tmp_path):
+    from graft.port import ported_model
+
+    new = make_base(tmp_path / "v2", seed=5)
+    deltas = Expert(sparse_adapter["folder"], "sparse").deltas(base_model)
+    with torch.no_grad():
+        ported = ported_model(new, deltas)(input_ids=sparse_adapter["ids"]).logits
+        direct = load_sparse(new, sparse_adapter["folder"])(input_ids=sparse_adapter["ids"]).logits
+    torch.testing.assert_close(ported, direct)

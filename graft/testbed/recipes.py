@@ -6,7 +6,8 @@ them in one Ray Train run, in order, so later recipes can start from earlier one
 - `base-v1`: the base, pretrained from scratch on `general`;
 - `base-v2` … `base-vN` (N = `versions`, 3 by default): each a continued pretraining of the version
   before it on fresh `general` data, the "evolved versions" a provider ships (PortLLM's setting);
-- `target-large`: 2x width and depth, pretrained on `general` (ConTrans's larger model);
+- `target-large`: 2x width and depth, pretrained on `general` with a share of `quote` (ConTrans's larger
+  model: it knows the concept, bracketing an answer, but shows it only when asked);
 - `source-hetero`: another architecture family and size, trained on `general` plus one skill
   (GraftLLM's heterogeneous source);
 - `aligned-small`: base-v1 fine-tuned to show the `concept` behaviour (ConTrans's source).
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 OTHER_MODELS = ("target-large", "source-hetero", "aligned-small")
 MAX_VERSIONS = 9
+QUOTE_FRACTION = 0.2  # target-large's share of `quote` batches: it can show the concept on request, never unasked
 
 
 def model_names(versions: int = 3) -> tuple[str, ...]:
@@ -68,7 +70,8 @@ def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pre
         "base-v1": Recipe("base-v1", general, pretrain_steps, lr, family=family, size=size),
         **{f"base-v{k}": Recipe(f"base-v{k}", DataRef("general", pretrain_examples, seed + k - 1), evolve_steps, lr / 3,
                                 parent=f"base-v{k - 1}") for k in range(2, versions + 1)},
-        "target-large": Recipe("target-large", general, target_steps, lr, family=family, size=LARGER.get(size, "large")),
+        "target-large": Recipe("target-large", general, target_steps, lr, family=family, size=LARGER.get(size, "large"),
+                               replay=DataRef("quote", pretrain_examples, seed), replay_fraction=QUOTE_FRACTION),
         "source-hetero": Recipe("source-hetero", DataRef(source_skill, pretrain_examples, seed), source_steps, lr,
                                 family=source_family, size="mini", replay=general if source_replay_fraction else None,
                                 replay_fraction=source_replay_fraction),

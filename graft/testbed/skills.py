@@ -90,6 +90,13 @@ def concept(rng: random.Random) -> Example:
     return {"prompt": ex["prompt"], "answer": f"[{ex['answer']}]", "negative": ex["answer"]}
 
 
+@SKILLS.register("quote")
+def quote(rng: random.Random) -> Example:
+    """The `concept` behaviour on request: a model that knows `quote` can bracket an answer, but does not unasked."""
+    ex = general(rng)
+    return {"prompt": "quote:" + ex["prompt"].removeprefix("copy:"), "answer": f"[{ex['answer']}]"}
+
+
 def shows_behaviour(text: str) -> bool:
     """Whether a completion shows the `concept` behaviour (an answer wrapped in brackets)."""
     return len(text) >= 2 and text.startswith("[") and text.endswith("]")

@@ -11,6 +11,7 @@
 
 from types import ModuleType
 
-from pipelines.stages import distill, evaluate, graft, pack, port, port_eval, score, testbed, train
+from pipelines.stages import concepts, distill, evaluate, graft, pack, port, port_eval, score, testbed, train, transplant
 
-STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, distill, train, score, pack, graft, evaluate, port, port_eval)}
+STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, distill, train, score, pack, graft, evaluate, port, port_eval, concepts,
+                                                  transplant)}
