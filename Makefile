@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/graft run jobs/demo.yaml
 
+# two xdist workers: the tests that start a local Ray on one, in turn, the unit tests on the other (tests/conftest.py)
 test: $(VENV)/.installed
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
 
 test-all: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -m "slow or not slow"

@@ -21,6 +21,17 @@ from graft.testbed.models import init_model, model_config  # noqa: E402
 from graft.testbed.tokenizer import save_char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# Modules whose every test may start a local Ray (besides tests marked `integration`).
+RAY_MODULES = frozenset({"test_pipeline_integration", "test_submit_cluster", "test_runtime_loopback", "test_training_resume"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that starts a local Ray goes to one pytest-xdist worker (`make test` runs two, `--dist loadgroup`):
+    they run one after another there, since two local Rays on one machine contend for the same ports, while the
+    other worker runs the unit tests beside them."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group("ray"))
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess:

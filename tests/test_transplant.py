@@ -13,7 +13,7 @@ from graft.testbed.skills import generate
 from graft.testbed.tokenizer import save_char_tokenizer
 from graft.transplant import (Transplant, TransplantError, concept_vectors, decoder_layers, fit_affine, inject,
                               last_token_states, model_fingerprint, pair_texts, random_direction)
-from tests.conftest import run_cli, run_job_file
+from tests.conftest import REPO, run_cli, run_job_file
 
 torch.set_num_threads(1)
 
@@ -207,3 +207,21 @@ def test_transplant_recipe_end_to_end_on_local_models(models, tmp_path):
     model, _ = load(models["target"])
     with t.applied(model, models["target"]):
         pass
+
+
+@pytest.mark.parametrize("section, says", [
+    ({"target_layers": [0, 4]}, "transplant.target_layers: layer 4 is out of range: testbed:target-large has decoder layers 0..3"),
+    ({"source_layer": 2}, "transplant.source_layer: layer 2 is out of range: testbed:aligned-small has decoder layers 0..1"),
+    ({"source": "testbed:source-hetero"}, "transplant.source: 'testbed:source-hetero' is not built by this job"),
+    ({"vector": "median"}, "transplant.vector: unknown concept vector 'median'"),
+    ({"alphas": [1, 1]}, "transplant.alphas: each alpha once"),
+])
+def test_validate_refuses_a_transplant_that_cannot_run_naming_the_key(tmp_path, section, says):
+    import yaml
+
+    job = yaml.safe_load((REPO / "jobs" / "transplant.yaml").read_text())
+    job["transplant"].update(section)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    proc = run_cli("validate", path)
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr

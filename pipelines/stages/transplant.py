@@ -26,7 +26,8 @@ from pipelines.artifacts import Checkpoint, Concepts, Datasets, Report, Transpla
 from pipelines.cache import Ref, content_key
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.report import format_table
-from pipelines.spec import EvaluateSpec, TransplantSpec
+from pipelines.inputs import TESTBED
+from pipelines.spec import EvaluateSpec, JobSpec, TransplantSpec
 
 NAME = "transplant"
 READS = (Datasets, Concepts)
@@ -45,6 +46,37 @@ class SweepRequest:
     settings: TransplantSpec
     evaluate: EvaluateSpec
     trust_remote_code: bool
+
+
+def model_depth(name: str, spec: JobSpec) -> int | None:
+    """Decoder layers of a model the job names, when known before anything runs: a testbed model's from its size, a
+    local folder's from its config.json; None for a hub id (or a config without a layer count)."""
+    from graft.testbed.models import SIZES
+    from graft.testbed.recipes import LARGER
+
+    if name.startswith(TESTBED):
+        size = LARGER.get(spec.testbed.size, "large") if name == TESTBED + "target-large" else (
+            "mini" if name == TESTBED + "source-hetero" else spec.testbed.size)
+        return SIZES[size]["num_hidden_layers"]
+    config = Path(name).expanduser() / "config.json"
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    depth = data.get("num_hidden_layers", data.get("n_layer")) if isinstance(data, dict) else None
+    return depth if isinstance(depth, int) else None
+
+
+def problems(spec: JobSpec) -> list[str]:
+    """A swept target layer or the source layer out of the model's range, when the depth is known before anything runs."""
+    tp, out = spec.transplant, []
+    target, source = model_depth(tp.target, spec), model_depth(tp.source, spec)
+    for layer in tp.target_layers or []:
+        if target is not None and not 0 <= layer < target:
+            out.append(f"transplant.target_layers: layer {layer} is out of range: {tp.target} has decoder layers 0..{target - 1}")
+    if tp.source_layer is not None and source is not None and tp.source_layer >= source:
+        out.append(f"transplant.source_layer: layer {tp.source_layer} is out of range: {tp.source} has decoder layers 0..{source - 1}")
+    return out
 
 
 def point_name(layer: int, alpha: float) -> str:
