@@ -225,3 +225,15 @@ def test_validate_refuses_a_transplant_that_cannot_run_naming_the_key(tmp_path, 
     path.write_text(yaml.safe_dump(job))
     proc = run_cli("validate", path)
     assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+
+
+def test_the_sweep_chooses_the_strongest_behaviour_that_keeps_general():
+    from pipelines.stages.transplant import choose
+
+    points = {(0, 0.0): {"behaviour_rate": 0.0, "general": 1.0}, (0, 1.0): {"behaviour_rate": 0.9, "general": 0.97},
+              (1, 0.0): {"behaviour_rate": 0.0, "general": 1.0}, (1, 1.0): {"behaviour_rate": 0.9, "general": 1.0},
+              (1, 2.0): {"behaviour_rate": 0.95, "general": 0.5}}  # the strongest costs general: not chosen
+    assert choose(points, 0.05) == (0, 1.0)  # ties: the lowest layer at the smallest α
+    assert choose(points, 0.6) == (1, 2.0)
+    nothing = {(0, 0.0): {"behaviour_rate": 0.0, "general": 1.0}, (0, 1.0): {"behaviour_rate": 0.0, "general": 0.0}}
+    assert choose(nothing, 0.05) == (0, 0.0)

@@ -105,15 +105,13 @@ def score_layer(req: SweepRequest, layer: int, vector, control) -> dict[float, d
 
 
 def choose(points: dict[tuple[int, float], dict[str, float]], max_general_drop: float) -> tuple[int, float]:
-    """The (layer, α) with the highest behaviour rate whose `general` is within `max_general_drop` of α = 0's."""
-    baseline = {layer: p["general"] for (layer, alpha), p in points.items() if alpha == 0}
-    reference = max(baseline.values()) if baseline else max(p["general"] for p in points.values())
-    allowed = [(p["behaviour_rate"], -abs(a), -layer, layer, a) for (layer, a), p in points.items()
-               if p["general"] >= reference - max_general_drop - 1e-9]
-    if not allowed:
-        allowed = [(0.0, 0.0, 0, *min(points, key=lambda k: abs(k[1])))]
-    best = max(allowed)
-    return best[3], best[4]
+    """The (layer, α) with the highest behaviour rate whose `general` is within `max_general_drop` of the best α = 0
+    point's (of the best point's without an α = 0); the smallest α, then the lowest layer, on ties."""
+    baseline = [p["general"] for (_, alpha), p in points.items() if alpha == 0] or [p["general"] for p in points.values()]
+    floor = max(baseline) - max_general_drop - 1e-9
+    best = max((p["behaviour_rate"], -abs(a), -layer) for (layer, a), p in points.items() if p["general"] >= floor)
+    layer = -best[2]
+    return layer, next(a for (la, a) in points if la == layer and -abs(a) == best[1])
 
 
 def heatmap(points: dict[tuple[int, float], dict[str, float]], path: Path, title: str) -> Path:
