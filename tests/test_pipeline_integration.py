@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,10 @@ def job(tmp: Path, graft: dict | None = None, **train) -> dict:
         "tracking": {"experiment": "itest"},
         "testbed": {"size": "tiny", "pretrain_steps": 30, "pretrain_examples": 1000, "train_examples": 200, "eval_examples": 16},
         "skills": [{"name": "reverse"}, {"name": "sort"}],
-        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, **train},
+        # ZeRO-3 with every parameter partitioned: each LoRA must be gathered before it is saved, or its tensors are
+        # written empty (the testbed's own training keeps its ZeRO-2)
+        "train": {"steps": 6, "batch_size": 8, "warmup_steps": 2, "zero_stage": 3,
+                  "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}, **train},
         "score": {"examples": 8, "shards": 2},
         "pack": {"budget": 0.2, "bits": [3], "band_fractions": [1.0], "quantizer": "gptq", "allocation": "energy_importance",
                  "calibration_examples": 16, "tune_steps": 2},
@@ -74,7 +78,7 @@ def test_end_to_end_outputs_and_tracking(first_run):
     for skill in ("reverse", "sort"):
         train = kids[f"train/{skill}"]
         assert train.data.params["deepspeed.engine_class"] == "DeepSpeedEngine"
-        assert train.data.params["deepspeed.zero_stage"] == "2"
+        assert train.data.params["deepspeed.zero_stage"] == "3"
         assert train.data.params["deepspeed.world_size"] == "2"
         assert len(client.get_metric_history(train.info.run_id, "train_loss")) == 6
         assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(train.info.run_id, "adapter")}
@@ -88,7 +92,11 @@ def test_end_to_end_outputs_and_tracking(first_run):
     report = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/eval.json", "report/eval.png", "report/eval.txt"} <= report
     assert [a.path for a in client.list_artifacts(parent.info.run_id, "job")] == ["job/job.yaml"]
-    assert parent.data.params["train.zero_stage"] == "2"
+    assert parent.data.params["train.zero_stage"] == "3"
+    for skill in ("reverse", "sort"):
+        adapter = Path(kids[f"train/{skill}"].data.tags["graftline.output"]) / "adapter_model.safetensors"
+        shapes = [tuple(t.shape) for t in load_file(adapter).values()]
+        assert shapes and all(len(s) == 2 and min(s) > 0 for s in shapes)  # whole LoRA matrices, not empty shards
 
     grafted = Path(parent.data.tags["graftline.grafted_checkpoint"])
     model = AutoModelForCausalLM.from_pretrained(str(grafted))

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from graft.experts import Expert
 from graft.lora import read_lora_deltas
 from graft.port import PortError, base_drift, check_fits, ported_model, update_gap
+from graft.sparse import read_sparse_deltas
 from graft.testbed.recipes import testbed_recipes as recipes_for
 from pipelines.recipes import check_job
 from pipelines.spec import SpecError, parse_job
@@ -117,15 +118,17 @@ def test_validate_names_a_new_base_the_job_does_not_build():
 
 @pytest.mark.integration
 def test_port_recipe_end_to_end_with_a_reference_finetune(tmp_path):
-    """A LoRA trained on a local base under ZeRO-3, ported to an evolved copy of it, against the copy alone and a LoRA trained on it."""
+    """A sparse adapter trained on a local base under ZeRO-3, ported to an evolved copy of it, against the copy alone and
+    the same sparse adapter trained on it (the LoRA path is the pipeline test's; porting a LoRA, test_port's units)."""
     base = make_base(tmp_path / "v1")
     new = evolved(base, tmp_path / "v2", scale=0.05)
     train, test = reverse_skill(tmp_path)
     spec = {"name": "port", "recipe": "port", "base": str(base), "output_dir": str(tmp_path / "runs"),
             "tracking": {"experiment": "port"}, "skills": [{"name": "rev", "train": str(train), "eval": str(test)}],
-            # ZeRO-3 with every parameter partitioned: each LoRA (the patch, and the reference on the new base) must be
+            # ZeRO-3 with every parameter partitioned: each adapter (the patch, and the reference on the new base) must be
             # gathered before it is saved, or its tensors are written empty
-            "train": {"steps": 3, "batch_size": 4, "warmup_steps": 1, "zero_stage": 3,
+            "train": {"method": "sparse", "steps": 3, "batch_size": 4, "warmup_steps": 1, "zero_stage": 3,
+                      "sparse": {"rule": "snip", "keep_fraction": 0.1, "score_batches": 1},
                       "deepspeed": {"zero_optimization": {"stage3_param_persistence_threshold": 0}}},
             "port": {"to": [str(new)], "reference_finetune": True}, "evaluate": {"max_new_tokens": 4}}
     proc = run_job_file(tmp_path, spec)
@@ -138,10 +141,12 @@ def test_port_recipe_end_to_end_with_a_reference_finetune(tmp_path):
     assert all(-1 <= g["cosine"] <= 1 and g["relative_gap"] >= 0 for g in report["update_gap"].values())
     (patch,) = (root / "train").glob("rev-*")
     (reference,) = (root / "port").glob("reference-rev@v2-*")
-    for adapter in (patch, reference):
-        assert json.loads((adapter / "train_info.json").read_text())["zero_stage"] == 3
-        shapes = [tuple(t.shape) for t in load_file(adapter / "adapter_model.safetensors").values()]
-        assert shapes and all(len(s) == 2 and min(s) > 0 for s in shapes)
+    for adapter, model in ((patch, base), (reference, new)):
+        info = json.loads((adapter / "train_info.json").read_text())
+        assert info["zero_stage"] == 3 and info["mode"] == "sparse"
+        deltas = read_sparse_deltas(adapter, model)
+        assert len(deltas) == 14 and sum(d.kept for d in deltas.values()) == info["trainable_parameters"]
+        assert all(bool((d.values != 0).any()) for d in deltas.values())  # trained and saved whole
     (evaluated,) = (root / "port_eval").glob("report-*")
     table = json.loads((evaluated / "eval.json").read_text())
     assert set(table) == {"v1/expert", "v2/zero_shot", "v2/ported", "v2/finetuned"}
