@@ -23,21 +23,16 @@ Writes `benchmarks/results/port.json`:
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-from provenance import provenance  # noqa: E402
+from seeded import run_seeds, seed_job, write_job  # noqa: E402
 
-from graft.strict_yaml import load_yaml  # noqa: E402
 from pipelines.artifacts import Base, Experts, Ported, Report  # noqa: E402
 from pipelines.driver import run_job  # noqa: E402
 from pipelines.spec import load_job  # noqa: E402
@@ -65,17 +60,12 @@ def port_cost(new_base: str, patch: str, kind: str, old_base: str) -> tuple[floa
 
 
 def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict[tuple[str, str], dict]:
-    job = copy.deepcopy(base_job)
-    job.update(seed=seed, output_dir=str(output_dir), name=f"port-s{seed}")
-    job["train"] = {**job["train"], "seed": seed}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"port-s{seed}.yaml"
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    path = write_job(seed_job(base_job, seed, output_dir, f"port-s{seed}"), output_dir, f"port-s{seed}")
     run = run_job(load_job(path), path)
     table, ported = run.board.get(Report).table, run.board.get(Ported)
     base, experts = run.board.get(Base), run.board.get(Experts)
     out = {}
-    for skill in (s["name"] for s in job["skills"]):
+    for skill in (s["name"] for s in base_job["skills"]):
         for name, checkpoint in ported.bases.items():
             pair = Ported.pair(skill, name)
             report = json.loads((Path(ported.by_pair[pair].path) / "port.json").read_text())
@@ -150,20 +140,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default=str(JOB))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--output-dir", default="runs/bench-port")
-    ap.add_argument("--out", default="benchmarks/results/port.json")
-    args = ap.parse_args()
-    started = time.time()
-    base_job = load_yaml(Path(args.job).read_text())
-    per_seed = {seed: one_seed(base_job, seed, Path(args.output_dir).resolve()) for seed in args.seeds}
-    rows = summarize(per_seed)
-    out = {"provenance": provenance(args.seeds, started), "job": str(Path(args.job)), "rows": rows, "target": targets(rows)}
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    plot(rows, Path(args.out).with_suffix(".png"))
-    for r in rows:
+    def finish(per_seed: dict[int, dict], job: dict) -> dict:
+        rows = summarize(per_seed)
+        return {"rows": rows, "target": targets(rows)}
+
+    out, path = run_seeds(__doc__, JOB, "port", one_seed, finish)
+    plot(out["rows"], path.with_suffix(".png"))
+    for r in out["rows"]:
         print(json.dumps({k: r[k] for k in ("skill", "base", *ACCURACIES, "delta_drift", "update_gap")}))
     print(json.dumps(out["target"], indent=1))
 

@@ -15,25 +15,20 @@ Writes `benchmarks/results/sparse_adapters.json`:
 (method `lora` or `sparse`, rule `dense` for LoRA rows, `large-sparse` rows named by `variant`; accuracies 0..1, means
 over seeds) and `benchmarks/results/sparse_adapters.png` (accuracy against trainable parameters).
 
-    .venv/bin/python benchmarks/sparse_adapters.py [--seeds 0 1] [--output-dir runs/bench-sparse]
+    .venv/bin/python benchmarks/sparse_adapters.py [--seeds 0 1 2] [--output-dir runs/bench-sparse_adapters]
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-from provenance import provenance  # noqa: E402
+from seeded import run_seeds, seed_job, write_job  # noqa: E402
 
-from graft.strict_yaml import load_yaml  # noqa: E402
 from pipelines.artifacts import Base, Datasets  # noqa: E402
 from pipelines.driver import run_job  # noqa: E402
 from pipelines.spec import load_job  # noqa: E402
@@ -70,11 +65,8 @@ def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict[str, dict]:
     from graft.evaluation import exact_match
     from graft.experts import Expert
 
-    job = {k: copy.deepcopy(v) for k, v in base_job.items() if k in INPUT_KEYS}  # the testbed stage's sections only
-    job.update(seed=seed, output_dir=str(output_dir), name=f"sparse-s{seed}", recipe=["testbed"])
-    path = output_dir / f"sparse-s{seed}.yaml"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    job = {**seed_job(base_job, seed, output_dir, f"sparse-s{seed}", INPUT_KEYS), "recipe": ["testbed"]}  # its inputs only
+    path = write_job(job, output_dir, f"sparse-s{seed}")
     board = run_job(load_job(path), path).board
     base, data = board.get(Base), board.get(Datasets)
     skill = base_job["skills"][0]["name"]
@@ -109,14 +101,10 @@ def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict[str, dict]:
 
 def _job_file(base_job: dict, row: dict, seed: int, output_dir: Path) -> Path:
     """The job with the row's train settings merged in, validated like any job (so a bad setting is refused the same way)."""
-    job = {k: copy.deepcopy(v) for k, v in base_job.items() if k in INPUT_KEYS}
-    train = {**job.get("train", {}), "seed": seed}
+    job = seed_job(base_job, seed, output_dir, f"sparse-s{seed}", INPUT_KEYS)
     for key, value in row["train"].items():
-        train[key] = {**train.get(key, {}), **value} if isinstance(value, dict) else value
-    job.update(seed=seed, output_dir=str(output_dir), name=f"sparse-s{seed}", train=train, recipe=["testbed", "train"])
-    path = output_dir / f"row-{row['variant']}-s{seed}.yaml"
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
-    return path
+        job["train"][key] = {**job["train"].get(key, {}), **value} if isinstance(value, dict) else value
+    return write_job({**job, "recipe": ["testbed", "train"]}, output_dir, f"row-{row['variant']}-s{seed}")
 
 
 def summarize(per_seed: dict[int, dict]) -> list[dict]:
@@ -174,22 +162,13 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default=str(JOB))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--output-dir", default="runs/bench-sparse")
-    ap.add_argument("--out", default="benchmarks/results/sparse_adapters.json")
-    args = ap.parse_args()
-    started = time.time()
-    base_job = load_yaml(Path(args.job).read_text())
-    per_seed = {seed: one_seed(base_job, seed, Path(args.output_dir).resolve()) for seed in args.seeds}
-    rows = summarize(per_seed)
-    skill = base_job["skills"][0]["name"]
-    out = {"provenance": provenance(args.seeds, started), "job": str(Path(args.job)), "skill": skill,
-           "steps": base_job["train"]["steps"], "rows": rows, "target": targets(rows)}
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    plot(rows, Path(args.out).with_suffix(".png"), f"{skill}: accuracy against trainable parameters (mean of seeds, min-max bars)")
-    for r in rows:
+    def finish(per_seed: dict[int, dict], job: dict) -> dict:
+        rows = summarize(per_seed)
+        return {"skill": job["skills"][0]["name"], "steps": job["train"]["steps"], "rows": rows, "target": targets(rows)}
+
+    out, path = run_seeds(__doc__, JOB, "sparse_adapters", one_seed, finish)
+    plot(out["rows"], path.with_suffix(".png"), f"{out['skill']}: accuracy against trainable parameters (mean of seeds, min-max bars)")
+    for r in out["rows"]:
         print(json.dumps({k: r[k] for k in ("variant", "trainable_params", "accuracy", "min", "max", "general")}))
     print(json.dumps(out["target"], indent=1))
 

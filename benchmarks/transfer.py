@@ -24,21 +24,17 @@ Writes `benchmarks/results/transfer.json`:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-from provenance import provenance  # noqa: E402
+from seeded import run_seeds, seed_job, write_job  # noqa: E402
 
 from graft.data import read_jsonl  # noqa: E402
-from graft.strict_yaml import load_yaml  # noqa: E402
 from pipelines.artifacts import Datasets, Models, Packs, Report  # noqa: E402
 from pipelines.driver import run_job  # noqa: E402
 from pipelines.spec import load_job  # noqa: E402
@@ -51,9 +47,7 @@ LORA = {"method": "lora", "lr": 0.01, "lora": {"rank": 16, "alpha": 32}}
 
 def variant_jobs(base: dict, seed: int, output_dir: Path) -> dict[str, dict]:
     """The job of each pipeline variant: the transfer job at this seed, and what each changes in it."""
-    job = copy.deepcopy(base)
-    job.update(seed=seed, output_dir=str(output_dir), name=f"transfer-s{seed}")
-    job["train"] = {**job["train"], "seed": seed}
+    job = seed_job(base, seed, output_dir, f"transfer-s{seed}")
     at_1_30 = copy.deepcopy(job)
     at_1_30["pack"] = {**job["pack"], "budget": round(1 / 30, 4)}
     lora = copy.deepcopy(job)
@@ -66,8 +60,7 @@ def variant_jobs(base: dict, seed: int, output_dir: Path) -> dict[str, dict]:
 
 def run_variant(job: dict, folder: Path, name: str):
     """Run one variant's job through the pipeline (its YAML written beside the runs, as a user's would be)."""
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    path = write_job(job, folder, name)
     return run_job(load_job(path), path)
 
 
@@ -174,20 +167,13 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default=str(JOB))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--output-dir", default="runs/bench-transfer")
-    ap.add_argument("--out", default="benchmarks/results/transfer.json")
-    args = ap.parse_args()
-    started = time.time()
-    base = load_yaml(Path(args.job).read_text())
-    per_seed = {seed: one_seed(base, seed, Path(args.output_dir).resolve()) for seed in args.seeds}
-    rows = summarize(per_seed)
-    out = {"provenance": provenance(args.seeds, started), "job": str(Path(args.job)), "rows": rows, "target": targets(rows)}
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    plot(rows, Path(args.out).with_suffix(".png"))
-    for row in rows:
+    def finish(per_seed: dict[int, dict], job: dict) -> dict:
+        rows = summarize(per_seed)
+        return {"rows": rows, "target": targets(rows)}
+
+    out, path = run_seeds(__doc__, JOB, "transfer", one_seed, finish)
+    plot(out["rows"], path.with_suffix(".png"))
+    for row in out["rows"]:
         print(json.dumps({k: row[k] for k in ("skill", *VARIANTS, "general", "pack_1_15_bytes_ratio")}))
     print(json.dumps(out["target"], indent=1))
 

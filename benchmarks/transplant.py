@@ -21,20 +21,15 @@ Writes `benchmarks/results/transplant.json`:
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import yaml  # noqa: E402
-from provenance import provenance  # noqa: E402
+from seeded import run_seeds, seed_job, write_job  # noqa: E402
 
-from graft.strict_yaml import load_yaml  # noqa: E402
 from pipelines.artifacts import Report  # noqa: E402
 from pipelines.driver import run_job  # noqa: E402
 from pipelines.spec import load_job  # noqa: E402
@@ -45,12 +40,9 @@ RATES = ("behaviour_rate", "general", "random_behaviour_rate")
 
 
 def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict:
-    job = copy.deepcopy(base_job)
-    job.update(seed=seed, output_dir=str(output_dir), name=f"transplant-s{seed}")
+    job = seed_job(base_job, seed, output_dir, f"transplant-s{seed}")
     job["transplant"] = {**job["transplant"], "seed": seed}
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / f"transplant-s{seed}.yaml"
-    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    path = write_job(job, output_dir, f"transplant-s{seed}")
     run = run_job(load_job(path), path)
     points = run.board.get(Report).table
     by_layer: dict[int, dict[float, dict]] = {}
@@ -116,21 +108,13 @@ def plot(summary: dict, path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default=str(JOB))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--output-dir", default="runs/bench-transplant")
-    ap.add_argument("--out", default="benchmarks/results/transplant.json")
-    args = ap.parse_args()
-    started = time.time()
-    base_job = load_yaml(Path(args.job).read_text())
-    per_seed = {seed: one_seed(base_job, seed, Path(args.output_dir).resolve()) for seed in args.seeds}
-    summary = summarize(per_seed)
-    out = {"provenance": provenance(args.seeds, started), "job": str(Path(args.job)), **summary, "target": targets(summary),
-           "seeds": {str(k): v for k, v in per_seed.items()}}
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    plot(summary, Path(args.out).with_suffix(".png"))
-    for r in summary["rows"]:
+    def finish(per_seed: dict[int, dict], job: dict) -> dict:
+        summary = summarize(per_seed)
+        return {**summary, "target": targets(summary), "seeds": {str(k): v for k, v in per_seed.items()}}
+
+    out, path = run_seeds(__doc__, JOB, "transplant", one_seed, finish)
+    plot(out, path.with_suffix(".png"))
+    for r in out["rows"]:
         print(json.dumps({k: r[k] for k in ("alpha", *RATES)}))
     print(json.dumps(out["target"], indent=1))
 
