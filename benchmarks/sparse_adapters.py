@@ -35,6 +35,7 @@ from pipelines.spec import load_job  # noqa: E402
 from pipelines.training.experts import METHODS, adapter_deepspeed  # noqa: E402
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training  # noqa: E402
 from pipelines.inputs import replay_ref  # noqa: E402
+from pipelines.runtime import ray_session  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "sparse.yaml"
@@ -85,7 +86,8 @@ def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict[str, dict]:
         if not (folder / "train_info.json").is_file():
             jobs.append(TrainJob(req, str(folder)))
     if jobs:
-        run_training(jobs, output_dir / "ray_train", f"sparse-s{seed}", checkpoint_every=10_000, max_failures=0)
+        with ray_session(None):  # a private local Ray for this seed's trainings, shut down after them
+            run_training(jobs, output_dir / "ray_train", f"sparse-s{seed}", checkpoint_every=10_000, max_failures=0)
     tok = AutoTokenizer.from_pretrained(base.tokenizer.path)
     tests = {s: read_jsonl(data[s].test.path) for s in (skill, "general")}
     torch.set_num_threads(2)
