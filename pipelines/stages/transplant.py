@@ -33,6 +33,7 @@ NAME = "transplant"
 READS = (Datasets, Concepts)
 WRITES = (Transplanted, Report)
 SECTIONS = ("transplant", "evaluate")
+REPORT_VERSION = 2  # what the report folder holds (the heatmap's panels); part of its key
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ def choose(points: dict[tuple[int, float], dict[str, float]], max_general_drop: 
 
 
 def heatmap(points: dict[tuple[int, float], dict[str, float]], path: Path, title: str) -> Path:
-    """Behaviour rate over target layer × α, each cell labelled with its value."""
+    """Behaviour rate, `general` and the random control's behaviour over target layer × α, each cell labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,18 +124,21 @@ def heatmap(points: dict[tuple[int, float], dict[str, float]], path: Path, title
 
     layers = sorted({layer for layer, _ in points})
     alphas = sorted({a for _, a in points})
-    grid = [[points[(layer, a)]["behaviour_rate"] for a in alphas] for layer in layers]
-    fig, ax = plt.subplots(figsize=(1.2 * len(alphas) + 2.5, 0.6 * len(layers) + 1.8))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    for i, row in enumerate(grid):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=9)
-    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
-    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
-    ax.set_xlabel("α")
-    ax.set_ylabel("target layer")
-    ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="behaviour rate")
+    panels = (("behaviour_rate", "behaviour rate"), ("general", "general (marks taken off)"),
+              ("random_behaviour_rate", "random direction: behaviour"))
+    fig, axes = plt.subplots(1, 3, figsize=(3 * (0.9 * len(alphas) + 1.5), 0.55 * len(layers) + 2.2), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        grid = [[points[(layer, a)][key] for a in alphas] for layer in layers]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black", fontsize=8)
+        ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+        ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+        ax.set_xlabel("α")
+        ax.set_ylabel("target layer")
+        ax.set_title(label, fontsize=9)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -214,11 +218,11 @@ def run(ctx: RunContext) -> StageResult:
         heatmap(points, tmp / "heatmap.png", f"{spec.name}: behaviour rate, α · v injected at one target layer")
         return {}
 
-    report = ctx.run_item(NAME, "report", content_key(base_key, "report"), {"points": len(points)}, build_report, result)
+    report = ctx.run_item(NAME, "report", content_key(base_key, "report", REPORT_VERSION), {"points": len(points)}, build_report, result)
     for name in ("eval.json", "eval.txt", "heatmap.png"):
         ctx.parent.artifact(report / name, "report")
     result.artifacts += [Transplanted(Ref(str(chosen), chosen_key), concepts.target),
-                         Report(Ref(str(report), content_key(base_key, "report")), table)]
+                         Report(Ref(str(report), content_key(base_key, "report", REPORT_VERSION)), table)]
     result.metrics = {f"chosen.{k}": v for k, v in info.items() if isinstance(v, float)} | {"chosen.layer": layer,
                                                                                              "chosen.alpha": alpha}
     return result
