@@ -157,6 +157,9 @@ class TransplantSpec(Strict):
     target: str = Field("testbed:target-large", description="the model the concept is transplanted into")
     concept: str | None = Field(None, description="the job skill holding the pairs (default: the first skill): rows with "
                                 "prompt/answer/negative (positive = prompt + answer) or positive/negative texts")
+    general: str = Field("general", description="the shared ordinary prompts (prompt/answer rows): `general` (the testbed's), or "
+                         "one of the job's skills. Its training split fits the affine map; its held-out split measures what "
+                         "steering costs")
     vector: Annotated[str, AfterValidator(VECTORS.check)] = Field("mean", description="mean of the pair differences, or pca "
                                                                   "(their first principal component)")
     behaviour: Annotated[str, AfterValidator(BEHAVIOURS.check)] = Field("brackets", description="what shows the concept in a "

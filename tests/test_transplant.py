@@ -180,12 +180,15 @@ def test_graft_transplant_writes_a_folder_and_refuses_bad_input_in_one_line(mode
 def test_transplant_recipe_end_to_end_on_local_models(models, tmp_path):
     """Concepts taken in a local source on the job's concept pairs, mapped into a wider, deeper local target, swept over
     layer × α with a random control, the best point saved as a transplant that loads onto the target."""
-    pairs = tmp_path / "pairs.jsonl"
+    pairs, ordinary = tmp_path / "pairs.jsonl", tmp_path / "ordinary.jsonl"
     write_jsonl(pairs, generate("concept", "train", 12, 0))
+    write_jsonl(ordinary, generate("sort", "train", 40, 0))  # the user's own shared prompts, not the testbed's
     job = {"name": "tp", "recipe": "transplant", "base": str(models["source"]), "output_dir": str(tmp_path / "runs"),
-           "tracking": {"experiment": "tp"}, "skills": [{"name": "concept", "train": str(pairs), "eval": str(pairs)}],
+           "tracking": {"experiment": "tp"}, "skills": [{"name": "concept", "train": str(pairs), "eval": str(pairs)},
+                                                        {"name": "mine", "train": str(ordinary), "eval": str(ordinary)}],
            "testbed": {"pretrain_examples": 60, "eval_examples": 8},
            "transplant": {"source": str(models["source"]), "target": str(models["target"]), "target_layers": [1, 3],
+                          "concept": "concept", "general": "mine",
                           "alphas": [0, 1], "pairs": 12, "prompts": 40, "examples": 4, "shards": 2},
            "evaluate": {"max_new_tokens": 4}}
     proc = run_job_file(tmp_path, job)
@@ -215,6 +218,7 @@ def test_transplant_recipe_end_to_end_on_local_models(models, tmp_path):
     ({"source": "testbed:source-hetero"}, "transplant.source: 'testbed:source-hetero' is not built by this job"),
     ({"vector": "median"}, "transplant.vector: unknown concept vector 'median'"),
     ({"alphas": [1, 1]}, "transplant.alphas: each alpha once"),
+    ({"general": "wiki"}, "transplant.general: 'wiki' is neither 'general' (the testbed's) nor one of the job's skills"),
 ])
 def test_validate_refuses_a_transplant_that_cannot_run_naming_the_key(tmp_path, section, says):
     import yaml

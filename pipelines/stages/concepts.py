@@ -50,8 +50,12 @@ def problems(spec: JobSpec) -> list[str]:
     """A testbed source or target the job does not build, a folder that is not there, or a concept skill the job lacks."""
     tp = spec.transplant
     out = named_model_problems("transplant.source", tp.source, spec) + named_model_problems("transplant.target", tp.target, spec)
-    if tp.concept is not None and tp.concept not in {s.name for s in spec.skills}:
-        out.append(f"transplant.concept: {tp.concept!r} is not one of the job's skills ({', '.join(s.name for s in spec.skills)})")
+    names = [s.name for s in spec.skills]
+    if tp.concept is not None and tp.concept not in names:
+        out.append(f"transplant.concept: {tp.concept!r} is not one of the job's skills ({', '.join(names)})")
+    if tp.general != "general" and tp.general not in names:
+        out.append(f"transplant.general: {tp.general!r} is neither 'general' (the testbed's) nor one of the job's skills "
+                   f"({', '.join(names)})")
     return out
 
 
@@ -97,7 +101,7 @@ def run(ctx: RunContext) -> StageResult:
     data, models = ctx.board.get(Datasets), ctx.board.get(Models)
     concept = tp.concept or spec.skills[0].name
     req = ConceptsRequest(named_model(tp.source, models), named_model(tp.target, models), data[concept].train,
-                          data["general"].train, tp.pairs, tp.prompts, tp.vector, tp.shards, spec.trust_remote_code)
+                          data[tp.general].train, tp.pairs, tp.prompts, tp.vector, tp.shards, spec.trust_remote_code)
     result = StageResult(NAME)
 
     def build(tmp: Path, run) -> dict[str, float]:

@@ -154,7 +154,7 @@ def run(ctx: RunContext) -> StageResult:
     spec, tp = ctx.spec, ctx.spec.transplant
     data, concepts = ctx.board.get(Datasets), ctx.board.get(Concepts)
     concept = tp.concept or spec.skills[0].name
-    req = SweepRequest(concepts.folder, concepts.target, data[concept].test, data["general"].test, tp, spec.evaluate,
+    req = SweepRequest(concepts.folder, concepts.target, data[concept].test, data[tp.general].test, tp, spec.evaluate,
                        spec.trust_remote_code)
     stored = load_file(str(Path(concepts.folder.path) / "concepts.safetensors"))
     vectors, hs, ht = stored["source_vectors"], stored["source_states"], stored["target_states"]
