@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/graft run jobs/demo.yaml
 
-# two xdist workers: the tests that start a local Ray on one, in turn, the unit tests on the other (tests/conftest.py)
+# two xdist workers; each module's tests that start a local Ray stay on one worker (tests/conftest.py)
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
 

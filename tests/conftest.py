@@ -26,12 +26,14 @@ RAY_MODULES = frozenset({"test_pipeline_integration", "test_submit_cluster", "te
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Every test that starts a local Ray goes to one pytest-xdist worker (`make test` runs two, `--dist loadgroup`):
-    they run one after another there, since two local Rays on one machine contend for the same ports, while the
-    other worker runs the unit tests beside them."""
+    """Each module's tests that start a local Ray stay together on one pytest-xdist worker (`make test` runs two,
+    `--dist loadgroup`): a module-scoped run is shared by its tests, and at most two modules' Rays (each a private
+    instance on its own ports) run at once. They spend much of their time starting up and waiting, so two at a time
+    beside the unit tests keeps both cores busy."""
     for item in items:
-        if item.get_closest_marker("integration") or item.module.__name__.rsplit(".", 1)[-1] in RAY_MODULES:
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        module = item.module.__name__.rsplit(".", 1)[-1]
+        if item.get_closest_marker("integration") or module in RAY_MODULES:
+            item.add_marker(pytest.mark.xdist_group(f"ray-{module}"))
 
 
 def run_cli(*args: object) -> subprocess.CompletedProcess:
