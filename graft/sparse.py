@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from graft.checkpoint import CheckpointError, CheckpointReader, weight_files
+from graft.checkpoint import CheckpointReader, weight_files
 from graft.registry import Registry
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -253,16 +253,8 @@ def read_sparse_deltas(folder: str | Path, base: str | Path | None = None) -> di
 
 def load_sparse(base: str | Path, folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
     """The base causal LM (safetensors only) with a sparse adapter's deltas added to its weights."""
-    from transformers import AutoModelForCausalLM
+    from graft.port import ported_model  # base + deltas in memory; graft.port reads SparseDelta, so imported here
 
     deltas = read_sparse_deltas(folder, base)
     weight_files(base)
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, delta in deltas.items():
-            if key not in params:
-                raise CheckpointError(f"{folder}: tensor {key!r} is not a parameter of the model loaded from {base}")
-            params[key].add_(delta.dense().to(params[key].dtype))
-    return model
+    return ported_model(base, deltas, trust_remote_code)

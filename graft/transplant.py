@@ -64,6 +64,22 @@ def check_layer(model: nn.Module, layer: int, what: str = "layer") -> int:
     return layer
 
 
+def config_depth(folder: str | Path) -> int | None:
+    """Decoder layers of a checkpoint folder, read from its config.json (`num_hidden_layers` or GPT-2's `n_layer`)
+    without loading a weight; None when there is no readable count."""
+    try:
+        data = json.loads((Path(folder).expanduser() / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    depth = data.get("num_hidden_layers", data.get("n_layer")) if isinstance(data, dict) else None
+    return depth if isinstance(depth, int) else None
+
+
+def same_depth(layer: int, n_from: int, n_to: int) -> int:
+    """The layer of an `n_to`-layer model at the relative depth of `layer` in an `n_from`-layer one."""
+    return round(layer * (n_to - 1) / max(1, n_from - 1))
+
+
 def _output(out):
     return out[0] if isinstance(out, tuple) else out
 
@@ -309,10 +325,11 @@ def random_direction(like: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 def steering_rates(model: nn.Module, tokenizer, layer: int, vector: torch.Tensor, alphas: Sequence[float],
-                   prompts: Sequence[str], general: Sequence[dict], behaviour: str, max_new_tokens: int,
+                   prompts: Sequence[str], general: Sequence[dict] | None, behaviour: str, max_new_tokens: int,
                    batch_size: int = 64) -> dict[float, dict[str, float]]:
     """Per α: the share of `prompts` whose greedy completion shows `behaviour` with α · `vector` injected at `layer`,
-    and exact match on `general` rows (prompt/answer) once the behaviour's marks are taken off the completion."""
+    and (unless `general` is None) exact match on `general` rows (prompt/answer) once the behaviour's marks are taken
+    off the completion."""
     from graft.evaluation import generate_answers
 
     judge = BEHAVIOURS.get(behaviour)
@@ -320,7 +337,8 @@ def steering_rates(model: nn.Module, tokenizer, layer: int, vector: torch.Tensor
     for alpha in alphas:
         with inject(model, layer, vector, alpha):
             shown = generate_answers(model, tokenizer, list(prompts), max_new_tokens, batch_size)
-            answered = generate_answers(model, tokenizer, [r["prompt"] for r in general], max_new_tokens, batch_size)
-        out[alpha] = {"behaviour_rate": sum(map(judge.shows, shown)) / len(shown),
-                      "general": sum(judge.strip(a) == r["answer"] for a, r in zip(answered, general)) / len(general)}
+            out[alpha] = {"behaviour_rate": sum(map(judge.shows, shown)) / len(shown)}
+            if general is not None:
+                answered = generate_answers(model, tokenizer, [r["prompt"] for r in general], max_new_tokens, batch_size)
+                out[alpha]["general"] = sum(judge.strip(a) == r["answer"] for a, r in zip(answered, general)) / len(general)
     return out

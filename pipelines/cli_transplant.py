@@ -14,13 +14,13 @@ from pathlib import Path
 
 def cmd_transplant(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from graft.atomic import check_output
     from graft.checkpoint import weight_files
     from graft.data import read_jsonl
-    from graft.transplant import (VECTORS, Transplant, TransplantError, check_layer, concept_vectors, fit_affine,
-                                  last_token_states, model_fingerprint, pair_texts)
+    from graft.transplant import (VECTORS, Transplant, TransplantError, check_layer, concept_vectors, config_depth,
+                                  decoder_layers, fit_affine, last_token_states, model_fingerprint, pair_texts, same_depth)
 
     inputs = [args.source, args.target, args.pairs, args.prompts]
     check_output(args.out, overwrite=args.overwrite, inputs=inputs)
@@ -30,13 +30,9 @@ def cmd_transplant(args: argparse.Namespace) -> int:
     if len(prompts) < 5:
         raise TransplantError(f"{args.prompts}: {len(prompts)} prompts with a `prompt` field; the affine map needs at least 5")
 
-    def depth(folder: str) -> int:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=args.trust_remote_code)
-        return int(getattr(config, "num_hidden_layers", None) or config.n_layer)
-
-    n_source, n_target = depth(args.source), depth(args.target)  # layers are checked before any weight is loaded
+    n_source, n_target = config_depth(args.source), config_depth(args.target)  # checked before any weight is loaded
     for flag, layer, n in (("--layer", args.layer, n_target), ("--source-layer", args.source_layer, n_source)):
-        if layer is not None and not 0 <= layer < n:
+        if layer is not None and n is not None and not 0 <= layer < n:
             raise TransplantError(f"{flag} {layer} is out of range: the model has decoder layers 0..{n - 1}")
 
     def load(folder: str):
@@ -49,7 +45,7 @@ def cmd_transplant(args: argparse.Namespace) -> int:
     target, target_tok = load(args.target)
     layer = check_layer(target, args.layer, "--layer")
     source_layer = check_layer(source, args.source_layer if args.source_layer is not None else
-                               round(layer * (n_source - 1) / max(1, n_target - 1)), "--source-layer")
+                               same_depth(layer, len(decoder_layers(target)), len(decoder_layers(source))), "--source-layer")
     vectors = concept_vectors(last_token_states(source, source_tok, pos), last_token_states(source, source_tok, neg), args.vector)
     amap = fit_affine(last_token_states(source, source_tok, prompts)[source_layer], last_token_states(target, target_tok, prompts)[layer])
     direction = amap.direction(vectors[source_layer])

@@ -54,18 +54,13 @@ def model_depth(name: str, spec: JobSpec) -> int | None:
     local folder's from its config.json; None for a hub id (or a config without a layer count)."""
     from graft.testbed.models import SIZES
     from graft.testbed.recipes import LARGER
+    from graft.transplant import config_depth
 
     if name.startswith(TESTBED):
         size = LARGER.get(spec.testbed.size, "large") if name == TESTBED + "target-large" else (
             "mini" if name == TESTBED + "source-hetero" else spec.testbed.size)
         return SIZES[size]["num_hidden_layers"]
-    config = Path(name).expanduser() / "config.json"
-    try:
-        data = json.loads(config.read_text())
-    except (OSError, ValueError):
-        return None
-    depth = data.get("num_hidden_layers", data.get("n_layer")) if isinstance(data, dict) else None
-    return depth if isinstance(depth, int) else None
+    return config_depth(name)
 
 
 def problems(spec: JobSpec) -> list[str]:
@@ -100,9 +95,10 @@ def score_layer(req: SweepRequest, layer: int, vector, control) -> dict[float, d
     prompts = [r["prompt"] for r in read_jsonl(req.prompts.path, fields=("prompt",))[:tp.examples]]
     general = read_jsonl(req.general.path)[:tp.examples]
     steered = steering_rates(model, tok, layer, vector, tp.alphas, prompts, general, tp.behaviour, ev.max_new_tokens, ev.batch_size)
-    random = steering_rates(model, tok, layer, control, tp.alphas, prompts, general, tp.behaviour, ev.max_new_tokens, ev.batch_size)
-    return {a: {**steered[a], "random_behaviour_rate": random[a]["behaviour_rate"], "random_general": random[a]["general"]}
-            for a in tp.alphas}
+    # the control needs only its behaviour, and at α = 0 it is the unsteered model already scored above
+    random = steering_rates(model, tok, layer, control, [a for a in tp.alphas if a != 0], prompts, None, tp.behaviour,
+                            ev.max_new_tokens, ev.batch_size)
+    return {a: {**steered[a], "random_behaviour_rate": (random.get(a) or steered[a])["behaviour_rate"]} for a in tp.alphas}
 
 
 def choose(points: dict[tuple[int, float], dict[str, float]], max_general_drop: float) -> tuple[int, float]:
@@ -149,7 +145,7 @@ def run(ctx: RunContext) -> StageResult:
     import ray
     from safetensors.torch import load_file
 
-    from graft.transplant import Transplant, TransplantError, fit_affine, model_fingerprint, random_direction
+    from graft.transplant import Transplant, TransplantError, fit_affine, model_fingerprint, random_direction, same_depth
 
     spec, tp = ctx.spec, ctx.spec.transplant
     data, concepts = ctx.board.get(Datasets), ctx.board.get(Concepts)
@@ -169,7 +165,7 @@ def run(ctx: RunContext) -> StageResult:
                               f"0..{n_source - 1}")
     maps, directions = {}, {}
     for layer in layers:
-        src = tp.source_layer if tp.source_layer is not None else round(layer * (n_source - 1) / max(1, n_target - 1))
+        src = tp.source_layer if tp.source_layer is not None else same_depth(layer, n_target, n_source)
         maps[layer] = (src, fit_affine(hs[src], ht[layer]))
         directions[layer] = maps[layer][1].direction(vectors[src])
     result = StageResult(NAME)
