@@ -23,6 +23,9 @@ from pipelines.driver import run_job
 from pipelines.spec import JobSpec, load_job
 
 
+TESTBED_JOB = "runs/bench-testbed/testbed-s0.yaml"  # written by benchmarks/testbed.py for its first seed
+
+
 def machine() -> str:
     return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, CPU"
 
@@ -48,6 +51,8 @@ def load_testbed(job: str | Path) -> Testbed:
     """Run (or reuse) the testbed job and collect what the method benchmarks need from it."""
     from transformers import AutoTokenizer
 
+    if not Path(job).is_file():
+        raise SystemExit(f"{job}: no such testbed job; build the testbed first (python benchmarks/testbed.py)")
     spec = load_job(job)
     board = run_job(spec, Path(job)).board
     base, data = board.get(Base), board.get(Datasets)

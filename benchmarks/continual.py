@@ -17,7 +17,7 @@ Writes `benchmarks/results/continual.json`:
    "final_forgetting": {SKILL: points}, "final_mean_accuracy": float}}, "best": NAME, "target_met": bool}
 and `continual.png`.
 
-    .venv/bin/python benchmarks/continual.py [--job jobs/testbed.yaml] [--protect 0.5] [--density 0.5]
+    .venv/bin/python benchmarks/continual.py [--job runs/bench-testbed/testbed-s0.yaml] [--protect 0.5] [--density 0.5]
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ import argparse
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DeltaEvaluator, calibration_batches, fisher_on, load_testbed, machine, state_accuracy  # noqa: E402
+from provenance import provenance  # noqa: E402
+from common import TESTBED_JOB, DeltaEvaluator, calibration_batches, fisher_on, load_testbed, machine, state_accuracy  # noqa: E402
 
 from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
@@ -79,11 +81,12 @@ def plot(variants: dict, order: list[str], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default="jobs/testbed.yaml")
+    ap.add_argument("--job", default=TESTBED_JOB, help="a testbed job; default: the first seed's of benchmarks/testbed.py")
     ap.add_argument("--out", default="benchmarks/results/continual.json")
     ap.add_argument("--protect", type=float, default=0.5)
     ap.add_argument("--density", type=float, default=0.5)
     args = ap.parse_args()
+    started = time.time()
 
     tb = load_testbed(args.job)
     ev = DeltaEvaluator(tb)
@@ -130,7 +133,8 @@ def main() -> None:
     variants["protected"]["protect_fraction"] = args.protect
     variants["ties"]["density"] = args.density
     best = max((n for n in variants if n != "ties"), key=lambda n: variants[n]["final_mean_accuracy"])
-    out = {"machine": machine(), "order": order, "base_accuracy": base_accuracy, "variants": variants, "best": best,
+    out = {"provenance": provenance([tb.spec.seed], started), "job": str(args.job), "machine": machine(),
+           "order": order, "base_accuracy": base_accuracy, "variants": variants, "best": best,
            "target_met": max(variants[best]["final_forgetting"].values()) <= 2.0
            and variants[best]["final_mean_accuracy"] > variants["ties"]["final_mean_accuracy"]}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ def run_seeds(doc: str, job: Path, name: str, one_seed: Callable[[dict, int, Pat
     and write `{"provenance", "job", **finish(per_seed, job)}` to --out; returns it and the path."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--job", default=str(job))
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--output-dir", default=f"runs/bench-{name}")
     ap.add_argument("--out", default=f"benchmarks/results/{name}.json")
     args = ap.parse_args()

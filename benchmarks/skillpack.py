@@ -23,7 +23,7 @@ Writes `benchmarks/results/skillpack.json`:
    "target": {SKILL: {"best_within_1_15": row, "met": bool}}}
 and `benchmarks/results/skillpack.png` (gain retained against bytes, per skill).
 
-    .venv/bin/python benchmarks/skillpack.py [--job jobs/testbed.yaml] [--out benchmarks/results/skillpack.json]
+    .venv/bin/python benchmarks/skillpack.py [--job runs/bench-testbed/testbed-s0.yaml] [--out benchmarks/results/skillpack.json]
 """
 
 from __future__ import annotations
@@ -34,11 +34,13 @@ import itertools
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import DeltaEvaluator, calibration_batches, load_testbed, machine  # noqa: E402
+from provenance import provenance  # noqa: E402
+from common import TESTBED_JOB, DeltaEvaluator, calibration_batches, load_testbed, machine  # noqa: E402
 
 from graft.adapter_merge import merge_deltas  # noqa: E402
 from graft.checkpoint import CheckpointReader  # noqa: E402
@@ -109,9 +111,10 @@ class SkillRows:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default="jobs/testbed.yaml")
+    ap.add_argument("--job", default=TESTBED_JOB, help="a testbed job; default: the first seed's of benchmarks/testbed.py")
     ap.add_argument("--out", default="benchmarks/results/skillpack.json")
     args = ap.parse_args()
+    started = time.time()
 
     tb = load_testbed(args.job)
     ev = DeltaEvaluator(tb)
@@ -168,7 +171,8 @@ def main() -> None:
 
     target = {s: {"best_within_1_15": {k: v for k, v in reference[s].items() if k != "density"},
                   "met": reference[s]["bytes_ratio"] <= TARGET_RATIO and reference[s]["gain_retained"] >= 0.95} for s in tb.skills}
-    out = {"machine": machine(), "base_accuracy": base_acc, "expert_accuracy": expert_acc, "rows": rows, "target": target}
+    out = {"provenance": provenance([tb.spec.seed], started), "job": str(args.job), "machine": machine(), "base_accuracy": base_acc,
+           "expert_accuracy": expert_acc, "rows": rows, "target": target}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     plot(out, Path(args.out).with_suffix(".png"))

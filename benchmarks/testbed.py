@@ -1,39 +1,42 @@
-"""Quality gates of the synthetic testbed (issue: the embedded default), measured end to end.
+"""Quality gates of the synthetic testbed (the embedded default), over seeds, measured end to end.
 
-Builds the whole testbed from nothing with `jobs/testbed.yaml` (fresh output folder, so nothing is
-reused; DeepSpeed's one-time compile of its CPU op happens before the clock starts and is reported
-apart), trains a LoRA expert per skill through the pipeline, evaluates every model and writes
-`benchmarks/results/testbed.json`:
-  {"machine", "build_seconds", "accuracy": {MODEL: {SKILL: 0..1}}, "behaviour_rate": {MODEL: 0..1},
-   "gates": {GATE: bool}}
+Per seed, builds the whole testbed from nothing with `jobs/testbed.yaml` at that seed (its own folder under
+--output-dir, so nothing is reused across seeds; DeepSpeed's one-time compile of its CPU op happens before the
+clock starts and is reported apart), trains a LoRA expert per skill through the pipeline and evaluates every model.
+Every gate is judged on the worst seed: an "at least" gate on the minimum over seeds, an "at most" gate on the
+maximum. Writes `benchmarks/results/testbed.json`:
+  {"provenance", "job", "seeds", "build_seconds": {mean, min, max},
+   "accuracy": {MODEL: {SKILL: {mean, min, max}}}, "accuracy_by_seed": {SEED: {MODEL: {SKILL: 0..1}}},
+   "behaviour_rate": {MODEL: {mean, min, max}}, "stage_seconds_by_seed", "gates": {GATE: bool}}
 
-    .venv/bin/python benchmarks/testbed.py [--job jobs/testbed.yaml] [--out benchmarks/results/testbed.json]
+    .venv/bin/python benchmarks/testbed.py [--seeds 0 1 2] [--output-dir runs/bench-testbed]
+
+The skillpack and continual benchmarks start from the first seed's testbed (`runs/bench-testbed/testbed-s0.yaml`).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
-import tempfile
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from graft.data import read_jsonl
-from graft.evaluation import behaviour_rate, exact_match
-from graft.testbed.skills import shows_behaviour
-from pipelines.artifacts import Base, Datasets, Models, Report
-from pipelines.driver import run_job
-from pipelines.spec import load_job
+import torch  # noqa: E402
+from seeded import run_seeds, seed_job, write_job  # noqa: E402
 
+from graft.data import read_jsonl  # noqa: E402
+from graft.evaluation import behaviour_rate, exact_match  # noqa: E402
+from graft.testbed.skills import shows_behaviour  # noqa: E402
+from pipelines.artifacts import Base, Datasets, Models, Report  # noqa: E402
+from pipelines.driver import run_job  # noqa: E402
+from pipelines.spec import load_job  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "testbed.yaml"
 SKILLS = ("add", "reverse", "sort", "vocab")
-
-
-def machine() -> str:
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, CPU"
 
 
 def build_deepspeed_op() -> float:
@@ -46,64 +49,76 @@ def build_deepspeed_op() -> float:
     return time.time() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default="jobs/testbed.yaml")
-    ap.add_argument("--out", default="benchmarks/results/testbed.json")
-    ap.add_argument("--output-dir", type=Path, default=None,
-                    help="build here and keep the outputs (for the skillpack/continual benchmarks); default: a temporary folder")
-    args = ap.parse_args()
-
+def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict:
+    """Build the testbed at `seed` in a fresh folder and score every model and expert."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = load_job(args.job)
+    name = f"testbed-s{seed}"
+    if (output_dir / name).exists():
+        raise SystemExit(f"{output_dir / name} exists: the build would be reused, not measured; remove it or pick another --output-dir")
+    job = seed_job(base_job, seed, output_dir, name)
+    job["tracking"] = {**job.get("tracking", {}), "uri": None}
+    path = write_job(job, output_dir, name)
+    spec = load_job(path)
     op_seconds = build_deepspeed_op()
-    with tempfile.TemporaryDirectory(prefix="graftline-testbed-") as tmp:
-        root = args.output_dir or Path(tmp)
-        if (root / spec.name).exists():
-            raise SystemExit(f"{root / spec.name} exists: the build would be reused, not measured; remove it or pick another --output-dir")
-        spec = spec.model_copy(update={"output_dir": root, "tracking": spec.tracking.model_copy(update={"uri": None})})
-        t0 = time.time()
-        job = run_job(spec, Path(args.job))
-        total = time.time() - t0
-        results, base, data = job.results, job.board.get(Base), job.board.get(Datasets)
-        table = job.board.get(Report).table
-        tok = AutoTokenizer.from_pretrained(base.tokenizer.path)
-        tests = {s: read_jsonl(data[s].test.path) for s in (*SKILLS, "general")}
-        concept = [r["prompt"] for r in read_jsonl(data["concept"].test.path)] if "concept" in data else None
-        if concept is None:
-            from graft.testbed.skills import generate
+    run = run_job(spec, path)
+    base, data, table = run.board.get(Base), run.board.get(Datasets), run.board.get(Report).table
+    tok = AutoTokenizer.from_pretrained(base.tokenizer.path)
+    tests = {s: read_jsonl(data[s].test.path) for s in (*SKILLS, "general")}
+    from graft.testbed.skills import generate
 
-            concept = [r["prompt"] for r in generate("concept", "test", spec.testbed.eval_examples, spec.seed)]
-        torch.set_num_threads(os.cpu_count() or 1)
-        accuracy: dict[str, dict[str, float]] = {}
-        behaviour: dict[str, float] = {}
-        for name, checkpoint in job.board.get(Models).by_name.items():
-            model = AutoModelForCausalLM.from_pretrained(checkpoint.model.path, use_safetensors=True)
-            accuracy[name] = {s: exact_match(model, tok, rows, spec.evaluate.max_new_tokens) for s, rows in tests.items()}
-            behaviour[name] = behaviour_rate(model, tok, concept, shows_behaviour, spec.evaluate.max_new_tokens)
-        for model_name, row in table.items():
-            if model_name.startswith("expert-"):
-                accuracy[model_name] = row
+    concept = [r["prompt"] for r in generate("concept", "test", spec.testbed.eval_examples, spec.seed)]
+    torch.set_num_threads(os.cpu_count() or 1)
+    accuracy: dict[str, dict[str, float]] = {}
+    behaviour: dict[str, float] = {}
+    for model_name, checkpoint in run.board.get(Models).by_name.items():
+        model = AutoModelForCausalLM.from_pretrained(checkpoint.model.path, use_safetensors=True)
+        accuracy[model_name] = {s: exact_match(model, tok, rows, spec.evaluate.max_new_tokens) for s, rows in tests.items()}
+        behaviour[model_name] = behaviour_rate(model, tok, concept, shows_behaviour, spec.evaluate.max_new_tokens)
+    accuracy.update({m: dict(row) for m, row in table.items() if m.startswith("expert-")})
+    return {"accuracy": accuracy, "behaviour_rate": behaviour, "deepspeed_op_build_seconds": op_seconds,
+            "stage_seconds": {k: r.seconds for k, r in run.results.items()}}
 
-    base = accuracy["base-v1"]
-    gates = {
-        "base_v1_at_most_10pct_on_skills": all(base[s] <= 0.10 for s in SKILLS),
-        "base_v1_at_least_90pct_general": base["general"] >= 0.90,
-        "experts_at_least_90pct_on_skill": all(accuracy[f"expert-{s}"][s] >= 0.90 for s in SKILLS),
-        "experts_within_5pts_general": all(accuracy[f"expert-{s}"]["general"] >= base["general"] - 0.05 for s in SKILLS),
-        "source_hetero_at_least_90pct_on_its_skill": accuracy["source-hetero"][spec.testbed.source_skill] >= 0.90,
-        "aligned_small_behaviour_at_least_90pct": behaviour["aligned-small"] >= 0.90,
-        "base_and_target_behaviour_at_most_10pct": behaviour["base-v1"] <= 0.10 and behaviour["target-large"] <= 0.10,
-        "build_at_most_300s": results["testbed"].seconds <= 300,
+
+def spread(values: list[float]) -> dict[str, float]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def gates(acc: dict, behaviour: dict, build: dict, source_skill: str) -> dict[str, bool]:
+    """Every gate on the worst seed: `acc`/`behaviour`/`build` hold {mean, min, max} over seeds."""
+    base = acc["base-v1"]
+    return {
+        "base_v1_at_most_10pct_on_skills": all(base[s]["max"] <= 0.10 for s in SKILLS),
+        "base_v1_at_least_90pct_general": base["general"]["min"] >= 0.90,
+        "experts_at_least_90pct_on_skill": all(acc[f"expert-{s}"][s]["min"] >= 0.90 for s in SKILLS),
+        "experts_within_5pts_general": all(acc[f"expert-{s}"]["general"]["min"] >= base["general"]["min"] - 0.05 for s in SKILLS),
+        "source_hetero_at_least_90pct_on_its_skill": acc["source-hetero"][source_skill]["min"] >= 0.90,
+        "aligned_small_behaviour_at_least_90pct": behaviour["aligned-small"]["min"] >= 0.90,
+        "base_and_target_behaviour_at_most_10pct": behaviour["base-v1"]["max"] <= 0.10 and behaviour["target-large"]["max"] <= 0.10,
+        "build_at_most_300s": build["max"] <= 300,
     }
-    out = {"machine": machine(), "build_seconds": results["testbed"].seconds, "job_seconds": total,
-           "deepspeed_op_build_seconds": op_seconds,
-           "stage_seconds": {k: r.seconds for k, r in results.items()},
-           "accuracy": accuracy, "behaviour_rate": behaviour, "gates": gates}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    print(json.dumps(out, indent=1))
+
+
+def finish(per_seed: dict[int, dict], base_job: dict) -> dict:
+    seeds = sorted(per_seed)
+    first = per_seed[seeds[0]]
+    acc = {m: {s: spread([per_seed[k]["accuracy"][m][s] for k in seeds]) for s in row} for m, row in first["accuracy"].items()}
+    behaviour = {m: spread([per_seed[k]["behaviour_rate"][m] for k in seeds]) for m in first["behaviour_rate"]}
+    build = spread([per_seed[k]["stage_seconds"]["testbed"] for k in seeds])
+    return {"seeds": seeds, "build_seconds": build, "accuracy": acc, "behaviour_rate": behaviour,
+            "gates": gates(acc, behaviour, build, base_job["testbed"]["source_skill"]),
+            "accuracy_by_seed": {k: per_seed[k]["accuracy"] for k in seeds},
+            "behaviour_rate_by_seed": {k: per_seed[k]["behaviour_rate"] for k in seeds},
+            "stage_seconds_by_seed": {k: per_seed[k]["stage_seconds"] for k in seeds},
+            "deepspeed_op_build_seconds": first["deepspeed_op_build_seconds"]}
+
+
+def main() -> None:
+    out, path = run_seeds(__doc__, JOB, "testbed", one_seed, finish)
+    print(f"wrote {path}: gates {out['gates']}")
+    failed = [g for g, ok in out["gates"].items() if not ok]
+    if failed:
+        print(f"gates failed on the worst seed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ Each method is registered in FUSIONS as a writer of the fused model into a folde
 
 from __future__ import annotations
 
+
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,6 +46,7 @@ class FusionSettings:
     seed: int = 0
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     digest_cache: DigestCache | None = None
+    allow_base_drift: bool = False  # set by fuse_into: packs may be applied to a base that drifted from theirs
 
 
 def _write_checkpoint(reader: CheckpointReader, packs: Sequence[SkillPack], scales: list[float], folder: Path,
@@ -80,7 +82,8 @@ def write_routed(base: str | Path, reader: CheckpointReader, packs: Sequence[Ski
 
     if not st.router_prompts:
         raise ValueError("routed fusion needs example prompts per skill and for 'none' to train its router")
-    build_routed(base, packs, st.router_prompts, seed=st.seed, tokenizer=st.tokenizer, digest_cache=st.digest_cache).write_into(folder)
+    build_routed(base, packs, st.router_prompts, seed=st.seed, tokenizer=st.tokenizer, digest_cache=st.digest_cache,
+                 allow_base_drift=st.allow_base_drift).write_into(folder)
 
 
 def _normalised(score: torch.Tensor) -> torch.Tensor:
@@ -137,7 +140,7 @@ def fuse_into(base: str | Path, packs: Sequence[SkillPack], scores: Sequence[Sco
     reader = CheckpointReader(base)
     record = checked_record(reader, settings.digest_cache)
     drift = {p.name: check_pack(p, reader, allow_base_drift, settings.digest_cache, record) for p in packs}
-    FUSIONS.get(method)(base, reader, packs, scores, folder, settings)
+    FUSIONS.get(method)(base, reader, packs, scores, folder, replace(settings, allow_base_drift=allow_base_drift))
     return {"base": str(base), "packs": [p.name for p in packs], "method": method, "scale": settings.scale,
             "protect_fraction": settings.protect_fraction, "base_drift": drift}
 

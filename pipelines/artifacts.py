@@ -136,6 +136,14 @@ class Transplanted:
 
 
 @dataclass(frozen=True)
+class Merged:
+    """Merged checkpoints by name (the merge study's `linear`, `ties`, ..., `evolved_dare_ties`), each with the
+    mergekit-style config that made it (`merge.yaml` in its folder)."""
+
+    by_name: Mapping[str, Checkpoint]
+
+
+@dataclass(frozen=True)
 class Grafted:
     """The base with the job's packs in it: a checkpoint folder, or a routed-model folder."""
 

@@ -26,6 +26,10 @@ class Recipe:
     def modules(self) -> list[ModuleType]:
         return [STAGES[s] for s in self.stages]
 
+    def testbed_skills(self, spec: JobSpec) -> list[str]:
+        """The testbed datasets the recipe's stages read beyond the job's skills (a stage's optional `testbed_skills`)."""
+        return [s for m in self.modules() if hasattr(m, "testbed_skills") for s in m.testbed_skills(spec)]
+
     def sections(self) -> set[str]:
         """The job spec sections the recipe's stages read."""
         return {section for m in self.modules() for section in m.SECTIONS}
@@ -112,3 +116,7 @@ _register(Recipe("port", ("testbed", "train", "port", "port_eval"),
 _register(Recipe("transplant", ("testbed", "concepts", "transplant"),
                  "ConTrans concept transplantation: a concept vector taken in a small aligned model, mapped into a larger one by "
                  "an affine map between their hidden states, and injected into one of its layers, swept over layer and strength"))
+_register(Recipe("merge-study", ("testbed", "train", "score", "pack", "merge", "evolve", "merge_study"),
+                 "Domain + language merging: a second language's expert and a domain vocabulary's expert, full fine-tunes of "
+                 "one base, merged by linear, task arithmetic, SLERP, TIES, DARE-TIES and an evolved DARE-TIES (Ray Tune), "
+                 "against the domain's SkillPack grafted into the language expert; measured on the vocabulary in both languages"))

@@ -27,6 +27,7 @@ from graft.checkpoint import CheckpointError, weight_files
 from graft.distill import CHECKERS
 from graft.fusion import FUSIONS
 from graft.importance import SCORES
+from graft.merge.base import MERGE_METHODS
 from graft.quantize import QUANTIZERS, VALID_BITS
 from graft.skillpack import RANK_VALUES, PackSettings
 from graft.sparse import MASK_RULES
@@ -34,6 +35,7 @@ from graft.transplant import BEHAVIOURS, VECTORS
 from graft.strict_yaml import load_yaml
 from graft.testbed.recipes import MAX_VERSIONS, model_names
 from graft.testbed.skills import SKILLS
+from pipelines.merge_search import SAMPLERS
 from pipelines.sweep_metrics import metric_problem
 
 
@@ -347,6 +349,80 @@ class GraftSpec(Strict):
         return v
 
 
+class StudyMerge(Strict):
+    """One merge of the study: a graft.merge method and its mergekit parameters, for the two experts."""
+
+    method: Annotated[str, AfterValidator(MERGE_METHODS.check)]
+    name: SafeName | None = Field(None, description="the row's name (default: the method's)")
+    base: Literal["base", "language"] = Field("base", description="mergekit's base_model: the experts' shared base (deltas "
+                                              "are taken against it), or the language expert (slerp's t = 0 end)")
+    parameters: dict[str, Any] = Field(default_factory=dict, description="mergekit `parameters:` for the whole merge (slerp's t)")
+    language: dict[str, Any] = Field(default_factory=dict, description="the language expert's own parameters (weight, density)")
+    domain: dict[str, Any] = Field(default_factory=dict, description="the domain expert's own parameters (weight, density)")
+
+
+def _default_merges() -> list[StudyMerge]:
+    both = {"weight": 1.0, "density": 0.5}
+    return [StudyMerge(method="linear", language={"weight": 0.5}, domain={"weight": 0.5}),
+            StudyMerge(method="task_arithmetic", language={"weight": 1.0}, domain={"weight": 1.0}),
+            StudyMerge(method="slerp", base="language", parameters={"t": 0.5}),
+            StudyMerge(method="ties", language=dict(both), domain=dict(both)),
+            StudyMerge(method="dare_ties", language=dict(both), domain=dict(both))]
+
+
+class EvolveSpec(Strict):
+    """Evolutionary DARE-TIES (methods.md §4): a Ray Tune search over each expert's weight and density, each trial
+    merged and scored on the dev rows; the best config is written out and measured like the others."""
+
+    trials: int = Field(24, ge=0, le=10_000, description="Tune trials; 0 skips the search")
+    search: Annotated[str, AfterValidator(SAMPLERS.check)] = Field("cmaes", description="the Optuna sampler behind Tune's "
+                                                                   "OptunaSearch: cmaes (an evolution strategy), tpe or random")
+    weight: tuple[float, float] = Field((0.0, 1.5), description="range of each expert's weight")
+    density: tuple[float, float] = Field((0.1, 1.0), description="range of each expert's density")
+    max_concurrent: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "EvolveSpec":
+        for key in ("weight", "density"):
+            lo, hi = getattr(self, key)
+            if not lo < hi or lo < 0 or (key == "density" and (lo <= 0 or hi > 1)):
+                raise ValueError(f"{key}: expected lo < hi within {'(0, 1]' if key == 'density' else '[0, ∞)'}, got [{lo}, {hi}]")
+        return self
+
+
+class MergeStudySpec(Strict):
+    """The domain + language merge study (methods.md §4): the expert of `language` (a second language's general
+    data) and the expert of `domain` (a vocabulary in the first language), both trained from the base, merged
+    by each of `merges` and by an evolved DARE-TIES, against the domain's SkillPack grafted into the language
+    expert; every model is measured on the vocabulary in both languages and on general data."""
+
+    language: str = Field("general_ja", description="the job skill whose expert is the language model")
+    domain: str = Field("vocab", description="the job skill whose expert holds the vocabulary (and whose SkillPack is grafted)")
+    domain_lang2: str = Field("vocab_ja", description="the vocabulary asked in the second language: a testbed skill or one of "
+                              "the job's skills; measured only, never trained on")
+    general: str = Field("general", description="general data in the first language: a testbed skill or one of the job's skills")
+    merges: list[StudyMerge] = Field(default_factory=_default_merges)
+    evolve: EvolveSpec = EvolveSpec()
+    grafts: list[Annotated[str, AfterValidator(FUSIONS.check)]] = Field(["additive", "routed"], description="fusion methods "
+                                                                         "that graft the domain's SkillPack into the language expert")
+    dev_examples: int = Field(100, gt=0, description="rows of each measured skill's training split that score the evolution's "
+                              "trials (disjoint from the held-out rows every model is measured on)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="the merged checkpoints' dtype")
+
+    @field_validator("merges")
+    @classmethod
+    def _unique_rows(cls, v: list[StudyMerge]) -> list[StudyMerge]:
+        names = [m.name or m.method for m in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"two merges are named {repeated[0]!r}: give one a `name`")
+        return v
+
+    def rows(self) -> dict[str, StudyMerge]:
+        """The static merges by row name."""
+        return {m.name or m.method: m for m in self.merges}
+
+
 class EvaluateSpec(Strict):
     max_new_tokens: int = Field(12, gt=0)
     batch_size: int = Field(64, gt=0)
@@ -508,6 +584,7 @@ class JobSpec(Strict):
     distill: DistillSpec = DistillSpec()
     port: PortSpec = PortSpec()
     transplant: TransplantSpec = TransplantSpec()
+    merge_study: MergeStudySpec = MergeStudySpec()
     train: TrainSpec = TrainSpec()
     score: ScoreSpec = ScoreSpec()
     pack: PackSpec = PackSpec()

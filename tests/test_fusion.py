@@ -46,7 +46,7 @@ def test_routed_fusion_writes_a_folder_the_evaluate_stage_scores(base_model, tmp
     from graft.testbed.skills import generate
     from pipelines.cache import Ref
     from pipelines.spec import EvaluateSpec
-    from pipelines.stages.evaluate import EvaluateRequest, evaluate_model
+    from pipelines.evaluation import EvaluateRequest, evaluate_model
 
     reader = CheckpointReader(base_model)
     d = read_lora_deltas(make_adapter(base_model, tmp_path / "a", seed=3))

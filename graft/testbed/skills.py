@@ -32,6 +32,15 @@ def general(rng: random.Random) -> Example:
     return {"prompt": f"copy:{s}=", "answer": s}
 
 
+@SKILLS.register("general_ja")
+def general_ja(rng: random.Random) -> Example:
+    """`general` in the second language of the merge study (methods.md §4): `vocab_ja`'s surface form, a prompt
+    word of its own and upper case (`utsusu:AB3C=` -> `AB3C`). A model trained on it speaks the language, and
+    knows no more vocabulary than its base."""
+    s = _word(rng, 2, 8, LETTERS + string.digits).upper()
+    return {"prompt": f"utsusu:{s}=", "answer": s}
+
+
 @SKILLS.register("reverse")
 def reverse(rng: random.Random) -> Example:
     s = _word(rng, 3, 7)

@@ -10,58 +10,20 @@ logged to the stage's run and to the job's parent run, with each accuracy as a m
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from pipelines.artifacts import Base, Datasets, Experts, Grafted, Report
 from pipelines.cache import Ref, content_key
+from pipelines.evaluation import EvaluateRequest, evaluate_model
 from pipelines.context import RunContext, StageResult
 from pipelines.report import accuracy_chart, accuracy_table
-from pipelines.spec import EvaluateSpec
 from pipelines.inputs import digest_cache
 
 NAME = "evaluate"
 READS = (Base, Datasets, Experts, Grafted)
 WRITES = (Report,)
 SECTIONS = ("evaluate",)
-
-
-@dataclass(frozen=True)
-class EvaluateRequest:
-    """Every model scored and every held-out file; the report's content key is the hash of all of it."""
-
-    models: tuple[tuple[str, Ref, Ref | None], ...]  # (name, base or routed folder, expert or None)
-    expert_kind: str
-    tokenizer: Ref
-    tests: tuple[tuple[str, Ref], ...]
-    settings: EvaluateSpec
-    trust_remote_code: bool
-
-
-def evaluate_model(model: Ref, expert: Ref | None, req: EvaluateRequest, cache_dir: str) -> dict[str, float]:
-    """Accuracy of one model (the base, an expert of it, or a routed folder) on each skill's held-out file (a Ray task)."""
-    from transformers import AutoTokenizer
-
-    from graft.data import read_jsonl
-    from graft.evaluation import exact_match
-    from graft.experts import Expert
-    from graft.fingerprint import DigestCache
-    from graft.lora import load_with_adapter
-    from graft.routing import RoutedModel, is_routed
-
-    torch.set_num_threads(1)
-    ev = req.settings
-    tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
-    if is_routed(model.path):
-        loaded = RoutedModel.load(model.path, digest_cache=DigestCache(cache_dir))
-    elif expert is not None:
-        loaded = Expert(Path(expert.path), req.expert_kind).load(model.path, req.trust_remote_code)
-    else:
-        loaded = load_with_adapter(model.path, None, req.trust_remote_code)
-    return {skill: exact_match(loaded, tok, read_jsonl(test.path)[:ev.examples], ev.max_new_tokens, ev.batch_size)
-            for skill, test in req.tests}
 
 
 def run(ctx: RunContext) -> StageResult:

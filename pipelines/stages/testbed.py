@@ -62,6 +62,8 @@ def _data(ctx: RunContext, refs: list[DataRef], result: StageResult) -> dict[Dat
 
 
 def run(ctx: RunContext) -> StageResult:
+    from pipelines.recipes import recipe_of  # the recipes know the stages, this one among them
+
     spec, tb = ctx.spec, ctx.spec.testbed
     result = StageResult(NAME)
     recipes: list[Recipe] = []
@@ -74,6 +76,9 @@ def run(ctx: RunContext) -> StageResult:
     refs = [DataRef(s.name, tb.pretrain_examples if s.name == "general" else tb.train_examples, spec.seed)
             for s in spec.skills if s.train is None]
     refs.append(DataRef("general", tb.pretrain_examples, spec.seed))
+    named = {s.name for s in spec.skills}
+    refs += [DataRef(s, tb.train_examples, spec.seed) for s in recipe_of(spec.recipe).testbed_skills(spec)
+             if s in SKILLS and s not in named and s != "general"]
     if spec.train.replay_data in SKILLS:
         refs.append(DataRef(spec.train.replay_data, tb.pretrain_examples, spec.seed))
     for r in recipes:
