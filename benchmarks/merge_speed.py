@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from graft.checkpoint import CheckpointReader, write_checkpoint  # noqa: E402 (after the sys.path line)
+from provenance import provenance  # noqa: E402
 
 DEFAULT_MERGEKIT = os.environ.get("MERGEKIT_YAML", "/work/mk-venv/bin/mergekit-yaml")
 SIZES = {  # name: (vocab, hidden, intermediate, layers, heads)
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
     args = ap.parse_args(argv)
+    started = time.time()
     mergekit = Path(args.mergekit)
     if not (mergekit.is_file() and os.access(mergekit, os.X_OK)):
         print(f"mergekit is absent: no executable mergekit-yaml at {mergekit}. Install it in a separate venv:\n"
@@ -187,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "merge_speed.json").write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    prov = provenance([0], started, None if argv is None else [sys.argv[0], *argv])
+    (args.results / "merge_speed.json").write_text(json.dumps({"provenance": prov, "machine": machine(), "rows": rows}, indent=2) + "\n")
     plot(rows, args.results / "merge_speed.png")
     print(f"wrote {args.results / 'merge_speed.json'} and merge_speed.png")
     return 0

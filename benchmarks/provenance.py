@@ -28,7 +28,8 @@ def provenance(seeds: list[int], started: float, argv: list[str] | None = None) 
     rel = script.relative_to(REPO) if REPO in script.parents else script
     return {
         "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # results another benchmark just wrote are not code: only a changed tracked file elsewhere makes the run dirty
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")),
         "command": " ".join(["python", str(rel), *map(shlex.quote, argv[1:])]),
         "seeds": seeds,
         "wall_seconds": round(time.time() - started, 1),

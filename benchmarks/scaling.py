@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from provenance import provenance  # the benchmarks folder is on the path of a script run from it
+
 from graft.data import encode_examples, read_jsonl, write_jsonl
 from graft.testbed.models import init_model, model_config
 from graft.testbed.skills import generate
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200, help="training steps per run")
     ap.add_argument("--size", default="small")
     args = ap.parse_args()
+    started = time.time()
 
     import ray
 
@@ -84,7 +87,7 @@ def main() -> None:
                 run_training([TrainJob(req, str(out))], tmp / "ray_train", f"scaling-{n}", checkpoint_every=args.steps, max_failures=0)
                 training[str(n)] = json.loads((out / "train_info.json").read_text())["steps_per_second"]
                 print(f"training, {n} worker(s): {training[str(n)]:.2f} steps/s", flush=True)
-    result = {"machine": machine(), "model": f"llama-{args.size}", "scoring_tokens_per_s": scoring,
+    result = {"provenance": provenance([0], started), "machine": machine(), "model": f"llama-{args.size}", "scoring_tokens_per_s": scoring,
               "training_steps_per_s": training, "scoring_efficiency": scoring["2"] / (2 * scoring["1"]),
               "notes": "scoring: per-example Fisher on `reverse`, one core per worker; training: LoRA r=8, "
                        "ZeRO-2, per-worker batch 16 (global batch 16·N), gloo on CPU"}
