@@ -18,9 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/graft run jobs/demo.yaml
 
-# two xdist workers; each module's tests that start a local Ray stay on one worker (tests/conftest.py)
+# two xdist workers, each test module whole on one worker: a module's shared run (a module-scoped fixture) is built once
 test: $(VENV)/.installed
-	$(VENV)/bin/pytest -q -n 2 --dist loadgroup
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 test-all: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -m "slow or not slow"

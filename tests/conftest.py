@@ -21,21 +21,6 @@ from graft.testbed.models import init_model, model_config  # noqa: E402
 from graft.testbed.tokenizer import save_char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# Modules whose every test may start a local Ray (besides tests marked `integration`).
-RAY_MODULES = frozenset({"test_pipeline_integration", "test_submit_cluster", "test_runtime_loopback", "test_training_resume"})
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Each module's tests that start a local Ray stay together on one pytest-xdist worker (`make test` runs two,
-    `--dist loadgroup`): a module-scoped run is shared by its tests, and at most two modules' Rays (each a private
-    instance on its own ports) run at once. They spend much of their time starting up and waiting, so two at a time
-    beside the unit tests keeps both cores busy."""
-    for item in items:
-        module = item.module.__name__.rsplit(".", 1)[-1]
-        if item.get_closest_marker("integration") or module in RAY_MODULES:
-            item.add_marker(pytest.mark.xdist_group(f"ray-{module}"))
-
-
 def run_cli(*args: object) -> subprocess.CompletedProcess:
     """`graft ARGS` run in this process by the `main` the console script runs: its exit code, stdout and stderr.
 
