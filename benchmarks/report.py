@@ -338,6 +338,17 @@ def domain_merge(data: Mapping) -> Lines:
     )
 
 
+@formatter("harness", "graftline's exact match beside lm-evaluation-harness's, on the demo's models")
+def harness(data: Mapping) -> Lines:
+    rows = data.get("rows", [])
+    lines = [f"Agree to within one example on every row: {data.get('target_met')}.", ""]
+    return lines + table(
+        ["model", "task", "graftline", "lm-eval", "examples", "completions differing", "graftline s", "lm-eval s"],
+        ([r.get("model"), r.get("task"), num(r.get("graftline_exact_match")), num(r.get("lm_eval_exact_match")),
+          num(r.get("examples")), num(r.get("differing_examples")), num(r.get("graftline_seconds"), 2),
+          num(r.get("lm_eval_seconds"), 2)] for r in rows))
+
+
 def generic(data: Mapping) -> Lines:
     """Any result without a formatter: its leaf values (nested dicts flattened to dotted keys; lists left out)."""
 

@@ -40,6 +40,15 @@ def read_jsonl(path: str | Path, fields: tuple[str, ...] = ("prompt", "answer"))
     return rows
 
 
+def split_holdout(rows: list[dict[str, str]], fraction: float = 0.1, most: int = 200) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """(kept, held out) of a file's rows: the last `fraction` of them (at least one, at most `most`) held out, so a
+    user's general-purpose file both trains (replay) and measures what training cost, without overlap."""
+    if len(rows) < 2:
+        raise ValueError(f"need at least 2 rows to hold some out, got {len(rows)}")
+    n = max(1, min(most, int(len(rows) * fraction)))
+    return rows[:-n], rows[-n:]
+
+
 def encode_examples(
     tokenizer, rows: list[dict[str, str]], max_length: int, loss_on: str = "answer"
 ) -> list[tuple[list[int], list[int]]]:

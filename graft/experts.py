@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from graft.checkpoint import CheckpointError, CheckpointReader, weight_files
-from graft.lora import LowRankDelta, load_with_adapter, read_lora_deltas
+from graft.lora import LowRankDelta, load_adapter, load_with_adapter, read_lora_deltas
 from graft.registry import Registry
 from graft.sparse import SparseDelta, load_sparse, read_sparse_deltas
 
@@ -33,6 +33,8 @@ class ExpertKind:
 
     load: Callable[[str | Path, str | Path, bool], torch.nn.Module]  # (base, expert folder, trust_remote_code) -> model
     deltas: Callable[[str | Path, str | Path], dict[str, Delta]]  # (base, expert folder) -> {base tensor: delta}
+    # the expert as evaluation tools take it (an adapter kept unmerged, as PEFT runs it); by default as `load` makes it
+    open: Callable[[str | Path, str | Path, bool], torch.nn.Module] | None = None
 
 
 EXPERT_KINDS: Registry[ExpertKind] = Registry("expert kind")  # type: ignore[type-var]
@@ -51,6 +53,11 @@ class Expert:
     def load(self, base: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
         """The expert as one model: the base with the adapter merged in, or the fine-tuned checkpoint."""
         return EXPERT_KINDS.get(self.kind).load(base, self.folder, trust_remote_code)
+
+    def open(self, base: str | Path, trust_remote_code: bool = False) -> torch.nn.Module:
+        """The expert as evaluation tools (lm-eval) take it: a LoRA adapter stays an adapter on the base, unmerged."""
+        kind = EXPERT_KINDS.get(self.kind)
+        return (kind.open or kind.load)(base, self.folder, trust_remote_code)
 
     def deltas(self, base: str | Path) -> dict[str, Delta]:
         """What training changed, keyed by the base's tensor names."""
@@ -106,6 +113,7 @@ def _load_full(base: str | Path, expert: str | Path, trust_remote_code: bool) ->
 
 
 EXPERT_KINDS.register("lora")(ExpertKind(load=lambda base, folder, trc: load_with_adapter(base, folder, trc),
-                                         deltas=lambda base, folder: dict(read_lora_deltas(folder))))
+                                         deltas=lambda base, folder: dict(read_lora_deltas(folder)),
+                                         open=lambda base, folder, trc: load_adapter(load_with_adapter(base, None, trc), folder)))
 EXPERT_KINDS.register("full")(ExpertKind(load=_load_full, deltas=lambda base, folder: dict(full_deltas(base, folder))))
 EXPERT_KINDS.register("sparse")(ExpertKind(load=load_sparse, deltas=lambda base, folder: dict(read_sparse_deltas(folder, base))))

@@ -400,6 +400,10 @@ class RoutedModel(nn.Module):
     def config(self):
         return self.model.config
 
+    def tie_weights(self, *args, **kwargs) -> None:
+        """As the base model's (tools that take any HF model, such as lm-eval's HFLM, call it)."""
+        self.model.tie_weights(*args, **kwargs)
+
     def unwrap(self) -> nn.Module:
         """Remove every hook and return the bare base model."""
         for h in self._handles:

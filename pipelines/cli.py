@@ -13,7 +13,7 @@ EXIT_SPEC = 2
 EXIT_FAILED = 1
 # Modules that add their own subcommands through `register(subparsers)`.
 SUBCOMMAND_MODULES = ("pipelines.cli_submit", "pipelines.cli_sweep", "pipelines.cli_skillpack", "pipelines.cli_merge",
-                      "pipelines.cli_transplant")
+                      "pipelines.cli_transplant", "pipelines.cli_harness")
 
 
 def _fail(message: str, code: int) -> int:

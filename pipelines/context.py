@@ -26,6 +26,7 @@ class StageResult:
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     cached: int = 0
+    warnings: list[str] = field(default_factory=list)  # what the user must see although the stage succeeded
 
 
 @dataclass

@@ -75,12 +75,17 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
                 run.results[stage.NAME] = res
                 parent.metrics({f"stage_seconds.{stage.NAME}": res.seconds})
             summary = summary_table(run.results)
-            parent.text(summary, "summary.txt")
+            warnings = [f"warning: {r.name}: {w}" for r in run.results.values() for w in r.warnings]
+            parent.text("\n".join([summary, *warnings]), "summary.txt")
             log("\n" + summary)
             if run.board.has(Report):
-                from pipelines.report import accuracy_table
+                from pipelines.report import accuracy_table, general_drops
 
-                log("\n" + accuracy_table(run.board.get(Report).table))
+                table = run.board.get(Report).table
+                log("\n" + accuracy_table(table, general_drops(table)))
+            if warnings:
+                parent.tags({"graftline.warning": "; ".join(warnings)[:5000]})
+                log("\n" + "\n".join(warnings))
     return run
 
 

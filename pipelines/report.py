@@ -36,6 +36,18 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
 
-def accuracy_table(table: dict[str, dict[str, float]]) -> str:
-    skills = sorted({s for row in table.values() for s in row})
-    return format_table(["model", *skills], [[m, *(f"{table[m].get(s, float('nan')):.3f}" for s in skills)] for m in table])
+def general_drops(table: dict[str, dict[str, float]], column: str = "general") -> dict[str, float]:
+    """Each model's general ability against the base's, in points lost (positive: worse than the base); {} without it."""
+    if column not in table.get("base", {}):
+        return {}
+    base = table["base"][column]
+    return {m: round(100 * (base - row[column]), 2) for m, row in table.items() if m != "base" and column in row}
+
+
+def accuracy_table(table: dict[str, dict[str, float]], general_drops: dict[str, float] | None = None) -> str:
+    """Models × skills, `general` last; with `general_drops`, each model's general ability lost against the base in points."""
+    skills = sorted({s for row in table.values() for s in row}, key=lambda s: (s == "general", s))
+    drop = ["general drop (points)"] if general_drops else []
+    return format_table(["model", *skills, *drop],
+                        [[m, *(f"{table[m].get(s, float('nan')):.3f}" for s in skills),
+                          *([f"{general_drops[m]:+.1f}" if m in general_drops else "-"] if general_drops else [])] for m in table])

@@ -426,7 +426,15 @@ class MergeStudySpec(Strict):
 class EvaluateSpec(Strict):
     max_new_tokens: int = Field(12, gt=0)
     batch_size: int = Field(64, gt=0)
-    examples: int | None = Field(None, gt=0, description="cap on held-out examples per skill")
+    examples: int | None = Field(None, gt=0, description="cap on held-out examples per skill (and per lm-eval task)")
+    harness: list[str] = Field(default_factory=list, description="lm-evaluation-harness tasks run on the base, each expert "
+                               "and the grafted model: built-in task names, task YAML files (*.yaml) or folders of them")
+    general: str | None = Field(None, description="what retained general ability is measured on: a testbed skill, a JSONL "
+                                "file of {prompt, answer} rows, or an lm-eval task (name or YAML). Default: the testbed's "
+                                "`general` on a testbed base; else the held-out part of `train.replay_data` when a file; "
+                                "else `graft.router_none` (a file, or a testbed skill)")
+    max_general_drop: float = Field(5.0, ge=0, le=100, description="points of general ability a model may lose against "
+                                    "the base before the job is marked with a warning")
 
 
 def _finite(values: Any) -> list[Any]:

@@ -104,19 +104,31 @@ def test_end_to_end_outputs_and_tracking(first_run):
     out = model.generate(**tok(["rev:abc="], return_tensors="pt"), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, len("rev:abc=") + 4)
     assert "model" in proc.stdout and "grafted" in proc.stdout  # the eval table was printed
+    # live progress, from rank 0 through the driver: the worker group starting, then every training's last step
+    assert proc.stdout.count("starting 2 training workers (Ray Train, DeepSpeed)") == 2  # the testbed's, the experts'
+    assert "testbed/base-v1: step 30/30  loss " in proc.stdout
+    assert "train/reverse (job 1/2): step 6/6  loss " in proc.stdout and "train/sort (job 2/2): step 6/6  loss " in proc.stdout
     assert not list((tmp / "runs").rglob(".tmp-*"))
 
 
-def test_second_run_reuses_every_stage(first_run):
+def test_second_run_retrains_to_the_same_losses_and_reuses_every_other_stage(first_run):
+    """Rerun with `--force train`: a fresh Ray Train run (2 workers, ZeRO-3, gloo) gives every expert the same loss at
+    every step, so a result measured on a seed is the code's, not the run's; every other stage is reused, its inputs'
+    keys unchanged."""
     tmp, _ = first_run
-    proc = graft_run(tmp, job(tmp))
+    experts = sorted((tmp / "runs" / "itest" / "train").glob("*-*/losses.json"))
+    assert [p.parent.name.rsplit("-", 1)[0] for p in experts] == ["reverse", "sort"]
+    before = {p: json.loads(p.read_text()) for p in experts}
+    assert all(len(losses) == 6 for losses in before.values())
+    proc = graft_run(tmp, job(tmp), "--force", "train")
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = runs_of(tmp)
     parent = [r for r in runs if r.info.run_name == "itest"][-1]
     kids = children(runs, parent)
     assert set(kids) == STAGE_RUNS
-    assert all(r.data.tags["graftline.cached"] == "true" for r in kids.values())
-    assert proc.stdout.count("reusing") == len(STAGE_RUNS)
+    assert {n for n, r in kids.items() if r.data.tags["graftline.cached"] == "false"} == {"train/reverse", "train/sort"}
+    assert proc.stdout.count("reusing") == len(STAGE_RUNS) - 2
+    assert {p: json.loads(p.read_text()) for p in experts} == before
 
 
 def test_failed_stage_is_failed_in_mlflow_and_writes_nothing(first_run):
@@ -138,8 +150,16 @@ def test_failed_stage_is_failed_in_mlflow_and_writes_nothing(first_run):
 
 
 def test_routed_graft_reruns_only_graft_and_evaluate(first_run):
+    """The routed graft, evaluated by graftline and by lm-eval (the testbed's held-out `reverse` rows as an lm-eval task):
+    every model, the routed one routing, gets the same exact match from both to within one example."""
+    from graft.harness import write_skill_task
+    from graft.testbed.skills import generate
+
     tmp, _ = first_run
-    proc = graft_run(tmp, job(tmp, graft={"method": "routed", "router_examples": 50}))
+    spec = job(tmp, graft={"method": "routed", "router_examples": 50})
+    task = write_skill_task("reverse", generate("reverse", "test", 16, 0), tmp / "tasks", max_new_tokens=8)
+    spec["evaluate"]["harness"] = [str(task)]
+    proc = graft_run(tmp, spec)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = runs_of(tmp)
     parent = [r for r in runs if r.info.run_name == "itest"][-1]
@@ -149,3 +169,13 @@ def test_routed_graft_reruns_only_graft_and_evaluate(first_run):
     out = Path(kids["graft/grafted"].data.tags["graftline.output"])
     assert (out / "routed.json").is_file() and not list(out.glob("model*.safetensors"))  # packs stay packed, no dense checkpoint
     assert kids["evaluate/report"].info.status == "FINISHED" and "acc.grafted.general" in parent.data.metrics
+    report = Path(kids["evaluate/report"].data.tags["graftline.output"])
+    ours, theirs = json.loads((report / "eval.json").read_text()), json.loads((report / "harness.json").read_text())
+    assert set(theirs) == set(ours) == {"base", "expert-reverse", "expert-sort", "grafted"}
+    for model in ours:
+        assert abs(theirs[model]["graftline_reverse"]["exact_match"] - ours[model]["reverse"]) * 16 <= 1, model
+        assert parent.data.metrics[f"harness.{model}.graftline_reverse.exact_match"] == theirs[model]["graftline_reverse"]["exact_match"]
+        assert json.loads((report / "lm_eval" / f"{model}.0.json").read_text())["results"]["graftline_reverse"]["sample_len"] == 16
+    general = json.loads((report / "general.json").read_text())
+    assert general["source"] == "testbed skill 'general'" and set(general["drop_points"]) == set(ours) - {"base"}
+    assert ("graftline.warning" in parent.data.tags) == bool(general["over"])

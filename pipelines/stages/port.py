@@ -119,7 +119,8 @@ def _reference_finetunes(ctx: RunContext, reqs: dict[str, TrainRequest], result:
             jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
             ctx.log(f"  port/{item}: {method.describe(tr)} on the new base, {req.steps} steps")
         run_training(jobs, ctx.root / "ray_train", "port-" + "-".join(sorted(todo)).replace("@", "-at-"),
-                     checkpoint_every=tr.checkpoint_every, max_failures=tr.max_failures)
+                     checkpoint_every=tr.checkpoint_every, max_failures=tr.max_failures, log=ctx.log,
+                     names={str(tmp): f"port/{n}" for n, (tmp, _) in todo.items()})
         metrics = {}
         for item, (tmp, _) in todo.items():
             method.check(tmp, reqs[item.removeprefix("reference-")].model.path, trust_remote_code=spec.trust_remote_code)

@@ -20,7 +20,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from graft.data import write_jsonl
+from graft.data import read_jsonl, split_holdout, write_jsonl
 from graft.model_checks import check_checkpoint
 from graft.testbed.models import init_model, model_config
 from graft.testbed.recipes import DataRef, Recipe, testbed_recipes
@@ -84,9 +84,13 @@ def run(ctx: RunContext) -> StageResult:
     for r in recipes:
         refs += [r.data] + ([r.replay] if r.replay else [])
     data = _data(ctx, refs, result)
+    rd = spec.train.replay_data
+    replay = _replay_split(ctx, Path(rd), result) if rd not in SKILLS and Path(rd).is_file() else None
     result.metrics.clear()  # the summary's headline metrics are the models', not the data files'
     # what the later stages see by name: the job's own skill sets win over sets made for a model recipe
     by_name = {ref.skill: _split(data[ref]) for ref in reversed(refs) if ref.seed == spec.seed}
+    if replay is not None:
+        by_name[spec.train.replay_data] = replay
     for s in spec.skills:
         if s.train is not None:
             key = content_key(file_digest(s.train), file_digest(s.eval))
@@ -101,6 +105,20 @@ def run(ctx: RunContext) -> StageResult:
     tokenizer = checkpoint_ref(spec.tokenizer) if spec.tokenizer else model
     result.artifacts += [Base(model, tokenizer), Datasets(by_name), Models(models)]
     return result
+
+
+def _replay_split(ctx: RunContext, path: Path, result: StageResult) -> Split:
+    """A user's replay file split once: training replays the rest, and its held-out tail measures general ability."""
+    key = content_key("replay-holdout", file_digest(path))
+
+    def build(tmp: Path, run) -> dict[str, float]:
+        kept, held = split_holdout(read_jsonl(path))
+        write_jsonl(tmp / "train.jsonl", kept)
+        write_jsonl(tmp / "test.jsonl", held)
+        return {"train_examples": len(kept), "test_examples": len(held)}
+
+    folder = ctx.run_item(NAME, "data-replay", key, {"file": str(path.resolve())}, build, result)
+    return _split({"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl"), "key": key})
 
 
 def _split(files: dict[str, str]) -> Split:
@@ -165,7 +183,8 @@ def _models(ctx: RunContext, recipes: list[Recipe], data: dict, result: StageRes
                     f", {r.steps} steps on {r.data.name}, ZeRO-{req.zero_stage}")
         try:
             run_training(jobs, ctx.root / "ray_train", "testbed", checkpoint_every=spec.train.checkpoint_every,
-                         max_failures=spec.train.max_failures)
+                         max_failures=spec.train.max_failures, log=ctx.log,
+                         names={str(tmp): f"testbed/{n}" for n, (tmp, _) in todo.items()})
             # every model checked against the checkpoint it started from, before any is committed
             infos = {name: _checked(tmp, starts[name], spec.trust_remote_code) for name, (tmp, _) in todo.items()}
         finally:

@@ -47,7 +47,7 @@ def run(ctx: RunContext) -> StageResult:
             jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
             ctx.log(f"  train/{name}: {method.describe(tr)}, ZeRO-{req.zero_stage}, {req.num_workers} workers, {req.steps} steps")
         run_training(jobs, ctx.root / "ray_train", "train-" + "-".join(todo), checkpoint_every=tr.checkpoint_every,
-                     max_failures=tr.max_failures)
+                     max_failures=tr.max_failures, log=ctx.log, names={str(tmp): f"train/{n}" for n, (tmp, _) in todo.items()})
         infos = {}
         for name, (tmp, _) in todo.items():  # every expert checked before any is logged or committed
             method.check(tmp, reqs[name].model.path, trust_remote_code=spec.trust_remote_code)

@@ -66,7 +66,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 finals.append(json.loads(info.read_text())["final_loss"])
                 continue
             here = resume if resume is not None and resume.job == index else None
-            finals.append(train_one(job, rank, world, index, config["checkpoint_every"], here))
+            finals.append(train_one(job, rank, world, index, config["checkpoint_every"], here, config.get("progress")))
     ray.train.report({"final_loss": finals[-1], "jobs": len(finals)})
 
 
@@ -106,10 +106,12 @@ class _Pool:
         self.order = list(state["order"])
 
 
-def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every: int, resume: Resume | None) -> float:
+def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every: int, resume: Resume | None,
+              progress: str | None = None) -> float:
     """Train one model or adapter with DeepSpeed and write it to `job.out_dir`; returns the final loss.
 
     With `resume`, the engine and the loop state come from that checkpoint and training goes on from its step.
+    With `progress` (a folder the driver reads), rank 0 writes where it is there (`pipelines.training.progress`).
     """
     import deepspeed
     import torch
@@ -120,6 +122,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     from pipelines.training import checkpoints
     from pipelines.training.deepspeed_config import zero_stage_of
     from pipelines.training.modes import MODES
+    from pipelines.training.progress import WRITE_EVERY_S, Position, position_file, write_position
 
     req = job.request
     if req.loop_version != LOOP_VERSION:
@@ -181,6 +184,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
 
     engine.train()
     t0, paused = time.time(), 0.0  # checkpoint saves are not training time
+    reported = 0.0
 
     def elapsed() -> float:
         return seconds + time.time() - t0 - paused
@@ -199,6 +203,9 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
             if len(pending) >= job.log_every:
                 flush()
         done = step + 1
+        if rank == 0 and progress and (done == req.steps or time.time() - reported >= WRITE_EVERY_S):
+            write_position(position_file(Path(progress), index), Position(index, done, req.steps, losses[-1], elapsed()))
+            reported = time.time()
         if done % checkpoint_every == 0 and done < req.steps:
             flush()
             c0 = time.time()

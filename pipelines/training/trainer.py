@@ -8,8 +8,9 @@ the output goes and where its loss is logged, which do not change what is traine
 
 from __future__ import annotations
 
+import contextlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from pipelines.cache import Ref, content_key
 from pipelines.training.deepspeed_config import zero_stage_of
 from pipelines.training.loop import LOOP_VERSION, train_loop
 from pipelines.training.modes import MODES
+from pipelines.training.progress import ProgressPrinter
 
 
 
@@ -72,7 +74,8 @@ class TrainJob:
     log_every: int = 20
 
 
-def run_training(jobs: Sequence[TrainJob], storage_path: str | Path, name: str, *, checkpoint_every: int, max_failures: int) -> None:
+def run_training(jobs: Sequence[TrainJob], storage_path: str | Path, name: str, *, checkpoint_every: int, max_failures: int,
+                 log: Callable[[str], None] | None = None, names: Mapping[str, str] | None = None) -> None:
     """Train every job, in order, on one Ray Train worker group; each writes its `out_dir`.
 
     Every `checkpoint_every` steps the group reports a checkpoint to Ray Train storage under
@@ -80,7 +83,8 @@ def run_training(jobs: Sequence[TrainJob], storage_path: str | Path, name: str, 
     Each call gets a fresh Ray Train run name (reusing a (storage_path, name) pair would make Ray Train V2
     silently resume that earlier run) in a scratch folder of its own (`graft.atomic.scratch_dir`),
     removed when the call ends, or by the next training under `storage_path` if this process is killed:
-    nothing else can resume from it.
+    nothing else can resume from it. With `log`, the run's progress is printed through it as it trains, each job
+    by its `out_dir`'s entry in `names` (`pipelines.training.progress`): rank 0 writes where it is into that scratch folder.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -97,14 +101,16 @@ def run_training(jobs: Sequence[TrainJob], storage_path: str | Path, name: str, 
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"jobs": list(jobs), "accelerator": first.accelerator, "threads_per_worker": first.threads_per_worker,
-                               "checkpoint_every": checkpoint_every},
+                               "checkpoint_every": checkpoint_every, "progress": str(storage) if log else None},
             scaling_config=ScalingConfig(num_workers=first.num_workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": first.threads_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=RunConfig(storage_path=str(storage), name=run_name, failure_config=FailureConfig(max_failures=max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1)),
         )
-        trainer.fit()
+        labels = [(names or {}).get(j.out_dir, Path(j.out_dir).name) for j in jobs]
+        with ProgressPrinter(storage, labels, first.num_workers, log) if log else contextlib.nullcontext():
+            trainer.fit()
     for j in jobs:
         if not (Path(j.out_dir) / "train_info.json").is_file():
             raise RuntimeError(f"training into {j.out_dir} finished without writing its outputs")
