@@ -16,7 +16,6 @@ from typing import Any
 from pipelines.artifacts import Board, Report
 from pipelines.context import RunContext, StageResult
 from pipelines.recipes import Recipe, check_job
-from pipelines.report import format_table
 from pipelines.runtime import ray_session
 from pipelines.spec import COMMON_FIELDS, JobSpec
 from pipelines.tracking import Tracker, default_tracking_uri
@@ -120,10 +119,28 @@ def require_cpus(spec: JobSpec, address: str | None, resources: dict) -> None:
                        f"{int(resources.get('CPU', 0))}")
 
 
-def summary_table(results: dict[str, StageResult]) -> str:
-    rows = []
+SUMMARY_WIDTH = 100
+METRICS_PER_ITEM = 5
+
+
+def summary_table(results: dict[str, StageResult], width: int = SUMMARY_WIDTH) -> str:
+    """Per stage: seconds, items reused, where its outputs are; under it every item with its first metrics, wrapped to
+    `width` columns."""
+    import textwrap
+
+    lines = []
     for name, r in results.items():
-        metrics = ", ".join(f"{k}={v:.3g}" for k, v in list(r.metrics.items())[:4])
-        outs = sorted({str(p.parent) for p in r.outputs.values()})
-        rows.append([name, f"{r.seconds:.1f}", f"{r.cached}/{len(r.outputs)}", metrics, ", ".join(outs)])
-    return format_table(["stage", "seconds", "reused", "key metrics", "outputs"], rows)
+        folders = sorted({str(p.parent) for p in r.outputs.values()})
+        where = folders[0] if len(folders) == 1 else f"{len(folders)} folders" if folders else ""
+        head = f"{name:<12} {r.seconds:>7.1f} s   reused {r.cached}/{len(r.outputs)}   "
+        if len(head) + len(where) > width:  # the folder's tail says which it is
+            where = "…" + where[len(head) + len(where) - width + 1:]
+        lines.append((head + where).rstrip())
+        by_item: dict[str, list[str]] = {item: [] for item in r.outputs}
+        for key, value in r.metrics.items():
+            item, _, metric = key.partition(".")
+            by_item.setdefault(item, []).append(f"{metric or item}={value:.3g}")
+        for item, metrics in by_item.items():
+            text = f"{item}: " + ", ".join(metrics[:METRICS_PER_ITEM]) if metrics else item
+            lines += textwrap.wrap(text, width, initial_indent="  ", subsequent_indent="      ", break_on_hyphens=False)
+    return "\n".join(lines)

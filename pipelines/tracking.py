@@ -102,6 +102,9 @@ class RunHandle:
         self.client.log_text(self.run_id, text, name)
 
 
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "finetuning"
+
+
 class Tracker:
     """Creates and closes the runs of one job in one MLflow experiment."""
 
@@ -111,7 +114,9 @@ class Tracker:
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:
             location = artifact_root.resolve().as_uri() if artifact_root is not None else None
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+            # MLflow 3's UI opens an experiment in its GenAI view unless its kind says otherwise; set only on one made here
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location,
+                                                               tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         else:
             self.experiment_id = exp.experiment_id
 

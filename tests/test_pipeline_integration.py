@@ -70,6 +70,7 @@ def test_end_to_end_outputs_and_tracking(first_run):
     client, runs = runs_of(tmp)
     (parent,) = [r for r in runs if r.info.run_name == "itest"]
     assert parent.info.status == "FINISHED"
+    assert client.get_experiment_by_name("itest").tags["mlflow.experimentKind"] == "finetuning"  # the UI opens on training runs
     kids = children(runs, parent)
     assert set(kids) == STAGE_RUNS
     assert all(r.info.status == "FINISHED" and r.data.tags["graftline.cached"] == "false" for r in kids.values())
