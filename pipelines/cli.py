@@ -129,9 +129,42 @@ def _show_graftline_notes() -> None:
         log.propagate = False
 
 
+class _AtLeast(logging.Filter):
+    """Lets a logger's records through from `level` up."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level
+
+
+# loggers whose notices a user need not read on every run (their errors still show); filters, not levels, because
+# DeepSpeed sets its logger's level when it is first imported, which may be later
+# (a logger's filter sees only its own records, not its children's: each is named exactly)
+QUIETED_LOGGERS = ("DeepSpeed", "ray._private.authentication.authentication_token_setup", "mlflow.store.db.utils")
+
+
+def _quiet_libraries() -> None:
+    """Without -v: no Hugging Face progress bars or advice, no DeepSpeed accelerator notice, no Ray token-auth notice,
+    no MLflow database set-up notes, no libraries' FutureWarnings."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    for name in QUIETED_LOGGERS:
+        logging.getLogger(name).addFilter(_AtLeast(logging.ERROR))
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="graft", description="graftline: train, score, pack and graft skills between LLMs")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error instead of one line")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also show other libraries' notices and progress bars (Hugging Face, DeepSpeed, Ray)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run a job spec end to end")
@@ -164,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run one `graft` command: bad input is one line on stderr and exit 2, a failure one line and exit 1."""
     args = build_parser().parse_args(argv)
     _show_graftline_notes()
+    if not args.verbose:
+        _quiet_libraries()
     try:
         return args.fn(args)
     except KeyboardInterrupt:

@@ -63,7 +63,7 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
             parent.params(job_params(spec, recipe))
             parent.artifact(job_file, "job")
             parent.tags({"graftline.ray_cpus": resources.get("CPU", 0), "graftline.ray_gpus": resources.get("GPU", 0),
-                         "graftline.stages": ",".join(recipe.stages)})
+                         "graftline.stages": ",".join(recipe.stages), **run_description(spec, recipe, job_file)})
             ctx = RunContext(spec, job_file, root, tracker, parent, force, run.board, log)
             for i, stage in enumerate(stages, 1):
                 log(f"[{i}/{len(stages)}] {stage.NAME}")
@@ -86,6 +86,30 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
                 parent.tags({"graftline.warning": "; ".join(warnings)[:5000]})
                 log("\n" + "\n".join(warnings))
     return run
+
+
+def code_commit() -> str:
+    """The commit of the graftline checkout running this job, or why there is none."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    return out.stdout.strip() if out.returncode == 0 else "unknown (not a git checkout)"
+
+
+def run_description(spec: JobSpec, recipe: Recipe, job_file: Path) -> dict[str, str]:
+    """The parent run's description (shown at the top of the run in the MLflow UI), user and code commit."""
+    import getpass
+
+    skills = ", ".join(s.name for s in spec.skills) or "none"
+    note = (f"graftline job `{spec.name}` from `{job_file}`: recipe `{recipe.name}` ({' → '.join(recipe.stages)}). "
+            f"{recipe.description}. Base `{spec.base}`; skills: {skills}; seed {spec.seed}.")
+    commit = code_commit()
+    return {"mlflow.note.content": note, "mlflow.user": getpass.getuser(), "graftline.code_commit": commit,
+            **({"mlflow.source.git.commit": commit} if not commit.startswith("unknown") else {})}
 
 
 def _hand_on(stage, result: StageResult, board: Board) -> None:

@@ -6,24 +6,27 @@ from pathlib import Path
 
 
 def accuracy_chart(table: dict[str, dict[str, float]], path: Path, title: str) -> Path:
-    """Grouped bars: one group per skill, one bar per model; exact-match accuracy 0..1."""
+    """Grouped bars: one group per skill, one bar per model, each labelled with its value; exact-match accuracy 0..1."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     models = list(table)
-    skills = sorted({s for row in table.values() for s in row})
+    skills = sorted({s for row in table.values() for s in row}, key=lambda s: (s == "general", s))
     width = 0.8 / max(1, len(models))
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(skills) * max(1, len(models)) * 0.5), 4))
+    fig, ax = plt.subplots(figsize=(min(18, max(7, 0.45 * len(skills) * max(1, len(models)) + 2.5)), 4))
     for i, m in enumerate(models):
         xs = [j + i * width for j in range(len(skills))]
-        ax.bar(xs, [table[m].get(s, 0.0) for s in skills], width, label=m)
+        values = [table[m].get(s, 0.0) for s in skills]
+        # a zero is drawn as a sliver, so a model that scores nothing still shows as a bar
+        bars = ax.bar(xs, [max(v, 0.006) for v in values], width, label=m)
+        ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], fontsize=6, rotation=90, padding=2)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(skills))], skills)
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.18)
     ax.set_ylabel("exact-match accuracy")
     ax.set_title(title)
-    ax.legend(fontsize=8, ncols=min(4, len(models)))
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)  # beside the bars, not over them
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -51,3 +54,11 @@ def accuracy_table(table: dict[str, dict[str, float]], general_drops: dict[str, 
     return format_table(["model", *skills, *drop],
                         [[m, *(f"{table[m].get(s, float('nan')):.3f}" for s in skills),
                           *([f"{general_drops[m]:+.1f}" if m in general_drops else "-"] if general_drops else [])] for m in table])
+
+
+def table_rows(table: dict[str, dict[str, float]], general_drops: dict[str, float] | None = None) -> list[dict[str, object]]:
+    """The models × skills matrix as rows (`model`, each skill, and the general drop when given), for an MLflow table."""
+    skills = sorted({s for row in table.values() for s in row}, key=lambda s: (s == "general", s))
+    drops = general_drops or {}
+    return [{"model": m, **{s: table[m].get(s) for s in skills}, **({"general_drop_points": drops.get(m)} if drops else {})}
+            for m in table]

@@ -15,7 +15,7 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,6 +100,11 @@ class RunHandle:
 
     def text(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, text, name)
+
+    def table(self, rows: Sequence[Mapping[str, Any]], name: str) -> None:
+        """Rows of one table as an MLflow table artifact (`name`, a .json file): the UI shows it as a grid."""
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        self.client.log_table(self.run_id, {c: [row.get(c) for row in rows] for c in columns}, name)
 
 
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "finetuning"

@@ -71,6 +71,8 @@ def test_end_to_end_outputs_and_tracking(first_run):
     (parent,) = [r for r in runs if r.info.run_name == "itest"]
     assert parent.info.status == "FINISHED"
     assert client.get_experiment_by_name("itest").tags["mlflow.experimentKind"] == "finetuning"  # the UI opens on training runs
+    assert parent.data.tags["mlflow.note.content"].startswith("graftline job `itest` from ")
+    assert len(parent.data.tags["mlflow.source.git.commit"]) == 40 and parent.data.tags["mlflow.user"]
     kids = children(runs, parent)
     assert set(kids) == STAGE_RUNS
     assert all(r.info.status == "FINISHED" and r.data.tags["graftline.cached"] == "false" for r in kids.values())
@@ -105,6 +107,9 @@ def test_end_to_end_outputs_and_tracking(first_run):
     out = model.generate(**tok(["rev:abc="], return_tensors="pt"), max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert out.shape == (1, len("rev:abc=") + 4)
     assert "model" in proc.stdout and "grafted" in proc.stdout  # the eval table was printed
+    for noise in ("Writing model shards", "Loading weights", "Setting accelerator to CPU", "Token authentication is enabled",
+                  "Creating initial MLflow database tables"):  # other libraries' chatter, shown only with -v
+        assert noise not in proc.stdout + proc.stderr, noise
     # live progress, from rank 0 through the driver: the worker group starting, then every training's last step
     assert proc.stdout.count("starting 2 training workers (Ray Train, DeepSpeed)") == 2  # the testbed's, the experts'
     assert "testbed/base-v1: step 30/30  loss " in proc.stdout

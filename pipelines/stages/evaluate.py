@@ -32,7 +32,7 @@ from pipelines.context import RunContext, StageResult
 from pipelines.evaluation import EvaluateRequest, HarnessRequest, entry_identity, evaluate_model, general_source, harness_model
 from pipelines.inputs import digest_cache, file_ref
 from pipelines.placement import placement
-from pipelines.report import accuracy_chart, accuracy_table, format_table, general_drops
+from pipelines.report import accuracy_chart, accuracy_table, format_table, general_drops, table_rows
 from pipelines.spec import JobSpec
 
 NAME = "evaluate"
@@ -122,6 +122,10 @@ def run(ctx: RunContext) -> StageResult:
                                                       "over": over}, indent=1))
         accuracy_chart(table, tmp / "eval.png", f"{spec.name}: held-out exact match")
         (tmp / "eval.txt").write_text(accuracy_table(table, drops) + f"\n\ngeneral: {source.label}\n")
+        for f in ("eval.json", "eval.png", "eval.txt", "general.json", "harness.json", "harness.txt"):
+            if (tmp / f).is_file():
+                run.artifact(tmp / f, "report")
+        run.table(table_rows(table, drops), "eval_table.json")
         return metrics | {f"general_drop.{m}": d for m, d in drops.items()}
 
     key = content_key(req, harness)
@@ -135,6 +139,7 @@ def run(ctx: RunContext) -> StageResult:
                 ctx.parent.artifact(f, f"report/{path.name}")
         elif not path.name.startswith("."):
             ctx.parent.artifact(path, "report")
+    ctx.parent.table(table_rows(table, general["drop_points"]), "eval_table.json")
     ctx.parent.metrics({f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()})
     ctx.parent.metrics({f"general_drop.{m}": d for m, d in general["drop_points"].items()})
     if (out / "harness.json").is_file():
