@@ -22,16 +22,7 @@ from graft.testbed.tokenizer import save_char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The modules that run whole jobs on a local Ray, longest first: collected ahead of the rest, so that `make test`'s
-# two workers (`--dist loadfile`, a module per worker at a time) start them at once and the short modules fill in
-# after; collected last, as their names would put them, the longest ran alone at the end.
-LONG_MODULES = ("test_transfer.py", "test_merge_study.py", "test_port.py", "test_pipeline_integration.py",
-                "test_transplant.py", "test_submit_cluster.py")
 
-
-def pytest_collection_modifyitems(config, items) -> None:
-    rank = {name: i for i, name in enumerate(LONG_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each module's own order is kept
 def run_cli(*args: object) -> subprocess.CompletedProcess:
     """`graft ARGS` run in this process by the `main` the console script runs: its exit code, stdout and stderr.
 
