@@ -182,6 +182,9 @@ def test_routed_graft_reruns_only_graft_and_evaluate(first_run):
         assert abs(theirs[model]["graftline_reverse"]["exact_match"] - ours[model]["reverse"]) * 16 <= 1, model
         assert parent.data.metrics[f"harness.{model}.graftline_reverse.exact_match"] == theirs[model]["graftline_reverse"]["exact_match"]
         assert json.loads((report / "lm_eval" / f"{model}.0.json").read_text())["results"]["graftline_reverse"]["sample_len"] == 16
+    client = MlflowClient(f"sqlite:///{tmp / 'runs' / 'mlflow.db'}")
+    for run_id in (parent.info.run_id, kids["evaluate/report"].info.run_id):  # the UI's grids: skills, and lm-eval's tasks
+        assert {"eval_table.json", "harness_table.json"} <= {a.path for a in client.list_artifacts(run_id)}
     general = json.loads((report / "general.json").read_text())
     assert general["source"] == "testbed skill 'general'" and set(general["drop_points"]) == set(ours) - {"base"}
     assert ("graftline.warning" in parent.data.tags) == bool(general["over"])

@@ -113,7 +113,7 @@ def run(ctx: RunContext) -> StageResult:
         table = {m: ray.get(ref) for m, ref in refs.items()}
         metrics = {f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()}
         if lm_refs:
-            metrics |= _write_harness(tmp, {k: ray.get(r) for k, r in lm_refs.items()}, harness, table, source.task)
+            metrics |= _write_harness(tmp, run, {k: ray.get(r) for k, r in lm_refs.items()}, harness, table, source.task)
         drops = general_drops(table)
         over = sorted(m for m, d in drops.items() if d > ev.max_general_drop)
         (tmp / "eval.json").write_text(json.dumps(table, indent=1))
@@ -143,8 +143,9 @@ def run(ctx: RunContext) -> StageResult:
     ctx.parent.metrics({f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()})
     ctx.parent.metrics({f"general_drop.{m}": d for m, d in general["drop_points"].items()})
     if (out / "harness.json").is_file():
-        ctx.parent.metrics({f"harness.{m}.{t}.{k}": v for m, row in json.loads((out / "harness.json").read_text()).items()
-                            for t, ms in row.items() for k, v in ms.items()})
+        merged = json.loads((out / "harness.json").read_text())
+        ctx.parent.table(harness_rows(merged), "harness_table.json")
+        ctx.parent.metrics({f"harness.{m}.{t}.{k}": v for m, row in merged.items() for t, ms in row.items() for k, v in ms.items()})
     if general["over"]:
         result.warnings.append(f"general ability ({general['source']}) fell more than {general['max_general_drop']:g} points "
                                "against the base on " + ", ".join(f"{m} (-{general['drop_points'][m]:g})" for m in general["over"]))
@@ -153,7 +154,12 @@ def run(ctx: RunContext) -> StageResult:
     return result
 
 
-def _write_harness(tmp: Path, results: dict[tuple[str, int], dict], harness: HarnessRequest,
+def harness_rows(merged: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, object]]:
+    """lm-eval's {model: {task: {metric: value}}} as rows (`model`, then a `task:metric` column each), for an MLflow table."""
+    return [{"model": model, **{f"{t}:{m}": v for t, ms in row.items() for m, v in ms.items()}} for model, row in merged.items()]
+
+
+def _write_harness(tmp: Path, run, results: dict[tuple[str, int], dict], harness: HarnessRequest,
                    table: dict[str, dict[str, float]], general_task: str | None) -> dict[str, float]:
     """lm-eval's results, raw per model and entry and as one {model: {task: {metric: value}}} table; the general
     column from the general task's first metric when that is where general ability is measured."""
@@ -169,6 +175,7 @@ def _write_harness(tmp: Path, results: dict[tuple[str, int], dict], harness: Har
     columns = sorted({(t, m) for row in merged.values() for t, ms in row.items() for m in ms})
     rows = [[model, *(f"{merged[model].get(t, {}).get(m, float('nan')):.4g}" for t, m in columns)] for model in merged]
     (tmp / "harness.txt").write_text(format_table(["model", *(f"{t}:{m}" for t, m in columns)], rows) + "\n")
+    run.table(harness_rows(merged), "harness_table.json")
     if general_task is not None:
         (task,) = select_tasks([general_task]).names[:1]
         for model, row in merged.items():
