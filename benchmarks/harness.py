@@ -64,9 +64,8 @@ def main() -> None:
 
     rows_out = []
     with tempfile.TemporaryDirectory() as scratch:
-        tasks = {s: (generate(s, "test", spec.testbed.eval_examples, spec.seed)[:ev.examples],
-                     write_skill_task(s, generate(s, "test", spec.testbed.eval_examples, spec.seed), Path(scratch), ev.max_new_tokens))
-                 for s in SKILLS.names()}
+        held_out = {s: generate(s, "test", spec.testbed.eval_examples, spec.seed) for s in SKILLS.names()}
+        tasks = {s: (rows[:ev.examples], write_skill_task(s, rows, Path(scratch), ev.max_new_tokens)) for s, rows in held_out.items()}
         for name, (model, expert) in models.items():
             ours_model = (Expert(Path(expert.path), experts.kind).load(model.path) if expert is not None
                           else open_model(model, None, experts.kind, False, cache))

@@ -78,20 +78,38 @@ class TaskSelection:
         return TaskManager(include_path=list(self.include_paths) or None, include_defaults=self.defaults)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def _task_yaml(path: Path) -> dict[str, Any]:
     """A task YAML read as lm-eval reads it (its `!function` tags left unresolved), or HarnessError naming the file."""
     from lm_eval.tasks._yaml_loader import load_yaml
 
     try:
-        cfg = load_yaml(path, resolve_func=False, recursive=False)
+        return load_yaml(path, resolve_func=False, recursive=False)
     except (OSError, ValueError, yaml.YAMLError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise HarnessError(f"{path}: not a readable task YAML ({first})") from None
-    return cfg
+        raise HarnessError(f"{path}: not a readable task YAML ({_first_line(e)})") from None
 
 
 def _names_in(cfg: dict[str, Any]) -> list[str]:
     return [cfg[k] for k in ("task", "group") if isinstance(cfg.get(k), str)]
+
+
+def task_files(entry: str) -> list[Path]:
+    """The task YAMLs an entry names: the file itself, or every `*.yaml` under a folder; none for a built-in name."""
+    path = Path(entry).expanduser()
+    if path.is_dir():
+        return sorted(path.rglob(f"*{TASK_SUFFIX}"))
+    return [path] if path.is_file() else []
+
+
+def data_files(task: Path) -> list[Path]:
+    """The local files a task YAML reads its dataset from (`dataset_kwargs.data_files`), those that exist."""
+    named = _task_yaml(task).get("dataset_kwargs", {}).get("data_files", {})
+    values = named.values() if isinstance(named, dict) else [named]
+    return sorted(Path(v) for v in values if isinstance(v, str) and Path(v).is_file())
 
 
 def select_tasks(entries: Sequence[str]) -> TaskSelection:
@@ -103,7 +121,7 @@ def select_tasks(entries: Sequence[str]) -> TaskSelection:
     for entry in entries:
         path = Path(entry).expanduser()
         if path.is_dir():
-            found = [n for f in sorted(path.rglob(f"*{TASK_SUFFIX}")) for n in _names_in(_task_yaml(f))]
+            found = [n for f in task_files(entry) for n in _names_in(_task_yaml(f))]
             if not found:
                 raise HarnessError(f"{entry}: a folder without lm-eval task YAMLs (`*{TASK_SUFFIX}` with a `task` key)")
             names += found
@@ -136,8 +154,7 @@ def task_problems(selection: TaskSelection) -> list[str]:
         try:
             get_task_dict([name], manager)
         except Exception as e:  # noqa: BLE001 - any failure to build a task (a dataset not reachable, a bad config) is the same line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problems.append(f"task {name!r}: its dataset cannot be loaded here ({type(e).__name__}: {first})")
+            problems.append(f"task {name!r}: its dataset cannot be loaded here ({type(e).__name__}: {_first_line(e)})")
     return problems
 
 

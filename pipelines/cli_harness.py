@@ -14,7 +14,7 @@ DEFAULT_JOB = "jobs/demo.yaml"
 
 
 def cmd_export_tasks(args: argparse.Namespace) -> int:
-    from graft.atomic import atomic_dir, check_output
+    from graft.atomic import atomic_dir
     from graft.harness import skill_task_name, write_skill_task
     from graft.testbed.skills import SKILLS, generate
     from pipelines.cli import EXIT_SPEC, load_spec_or_report
@@ -22,7 +22,7 @@ def cmd_export_tasks(args: argparse.Namespace) -> int:
     spec = load_spec_or_report(args.job)
     if spec is None:
         return EXIT_SPEC
-    final = check_output(args.out, overwrite=args.overwrite)
+    final = Path(args.out).expanduser().resolve()  # where atomic_dir puts the folder (it checks the target itself)
     skills = args.skills or SKILLS.names()
     for skill in skills:
         SKILLS.check(skill)

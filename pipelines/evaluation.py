@@ -37,30 +37,20 @@ def evaluate_model(model: Ref, expert: Ref | None, req: EvaluateRequest, cache_d
 
     from graft.data import read_jsonl
     from graft.evaluation import exact_match
-    from graft.experts import Expert
-    from graft.fingerprint import DigestCache
-    from graft.lora import load_with_adapter
-    from graft.routing import RoutedModel, is_routed
 
     torch.set_num_threads(1)
     ev = req.settings
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
-    if is_routed(model.path):
-        loaded = RoutedModel.load(model.path, allow_base_drift=allow_base_drift, digest_cache=DigestCache(cache_dir))
-    elif expert is not None:
-        loaded = Expert(Path(expert.path), req.expert_kind).load(model.path, req.trust_remote_code)
-    else:
-        loaded = load_with_adapter(model.path, None, req.trust_remote_code)
+    loaded = open_model(model, expert, req.expert_kind, req.trust_remote_code, cache_dir, allow_base_drift, merged=True)
     return {skill: exact_match(loaded, tok, read_jsonl(test.path)[:ev.examples], ev.max_new_tokens, ev.batch_size)
             for skill, test in req.tests}
 
 
-
-
 def open_model(model: Ref, expert: Ref | None, expert_kind: str, trust_remote_code: bool, cache_dir: str,
-               allow_base_drift: bool = False):
-    """One model as outside tools should see it: the base, an expert with its adapter kept as an adapter (LoRA, unmerged),
-    or a routed folder as a routed model (so routing is what gets measured)."""
+               allow_base_drift: bool = False, merged: bool = False):
+    """One model: the base, an expert of it, or a routed folder as a routed model (so routing is what gets measured).
+    An expert's adapter is merged into the base with `merged` (graftline's own loop), else kept as an adapter, as
+    outside tools (lm-eval) run it."""
     from graft.experts import Expert
     from graft.fingerprint import DigestCache
     from graft.lora import load_with_adapter
@@ -69,7 +59,8 @@ def open_model(model: Ref, expert: Ref | None, expert_kind: str, trust_remote_co
     if is_routed(model.path):
         return RoutedModel.load(model.path, allow_base_drift=allow_base_drift, digest_cache=DigestCache(cache_dir))
     if expert is not None:
-        return Expert(Path(expert.path), expert_kind).open(model.path, trust_remote_code)
+        loaded = Expert(Path(expert.path), expert_kind)
+        return (loaded.load if merged else loaded.open)(model.path, trust_remote_code)
     return load_with_adapter(model.path, None, trust_remote_code)
 
 
@@ -103,25 +94,16 @@ def entry_identity(entry: str) -> str:
     contents of its task files and of the local data files they name (so editing either reruns the evaluation)."""
     import hashlib
 
-    import yaml
-
-    from graft.harness import TASK_SUFFIX
+    from graft.harness import data_files, task_files
     from pipelines.cache import file_digest
 
-    path = Path(entry).expanduser()
-    if not path.exists():
+    if not Path(entry).expanduser().exists():
         return entry
-    files = sorted(path.rglob(f"*{TASK_SUFFIX}")) if path.is_dir() else [path]
     h = hashlib.sha256()
-    for f in files:
+    for f in task_files(entry):
         h.update(file_digest(f).encode())
-        try:
-            data = (yaml.safe_load(f.read_text()) or {}).get("dataset_kwargs", {}).get("data_files", {})
-        except (yaml.YAMLError, AttributeError):
-            continue  # lm-eval's own tags (!function) or an odd shape: the file's own digest covers it
-        for name in sorted(data.values() if isinstance(data, dict) else [data] if isinstance(data, str) else []):
-            if isinstance(name, str) and Path(name).is_file():
-                h.update(file_digest(name).encode())
+        for data in data_files(f):
+            h.update(file_digest(data).encode())
     return h.hexdigest()[:16]
 
 
@@ -157,4 +139,3 @@ def general_source(spec: JobSpec) -> GeneralSource:
     if rn not in SKILLS:
         return GeneralSource(f"{rn} (graft.router_none)", file=rn)
     return GeneralSource(f"testbed skill {rn!r} (graft.router_none)", dataset=rn)
-

@@ -5,6 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def columns(table: dict[str, dict[str, float]]) -> list[str]:
+    """The skills of a models × skills table, in order, `general` last."""
+    return sorted({s for row in table.values() for s in row}, key=lambda s: (s == "general", s))
+
+
 def accuracy_chart(table: dict[str, dict[str, float]], path: Path, title: str) -> Path:
     """Grouped bars: one group per skill, one bar per model, each labelled with its value; exact-match accuracy 0..1."""
     import matplotlib
@@ -13,7 +18,7 @@ def accuracy_chart(table: dict[str, dict[str, float]], path: Path, title: str) -
     import matplotlib.pyplot as plt
 
     models = list(table)
-    skills = sorted({s for row in table.values() for s in row}, key=lambda s: (s == "general", s))
+    skills = columns(table)
     width = 0.8 / max(1, len(models))
     fig, ax = plt.subplots(figsize=(min(18, max(7, 0.45 * len(skills) * max(1, len(models)) + 2.5)), 4))
     for i, m in enumerate(models):
@@ -49,7 +54,7 @@ def general_drops(table: dict[str, dict[str, float]], column: str = "general") -
 
 def accuracy_table(table: dict[str, dict[str, float]], general_drops: dict[str, float] | None = None) -> str:
     """Models × skills, `general` last; with `general_drops`, each model's general ability lost against the base in points."""
-    skills = sorted({s for row in table.values() for s in row}, key=lambda s: (s == "general", s))
+    skills = columns(table)
     drop = ["general drop (points)"] if general_drops else []
     return format_table(["model", *skills, *drop],
                         [[m, *(f"{table[m].get(s, float('nan')):.3f}" for s in skills),
@@ -58,7 +63,7 @@ def accuracy_table(table: dict[str, dict[str, float]], general_drops: dict[str, 
 
 def table_rows(table: dict[str, dict[str, float]], general_drops: dict[str, float] | None = None) -> list[dict[str, object]]:
     """The models × skills matrix as rows (`model`, each skill, and the general drop when given), for an MLflow table."""
-    skills = sorted({s for row in table.values() for s in row}, key=lambda s: (s == "general", s))
+    skills = columns(table)
     drops = general_drops or {}
     return [{"model": m, **{s: table[m].get(s) for s in skills}, **({"general_drop_points": drops.get(m)} if drops else {})}
             for m in table]

@@ -60,10 +60,7 @@ def problems(spec: JobSpec) -> list[str]:
             read_jsonl(Path(source.file).expanduser())  # every row a prompt and its answer, or the line that is not
         except (OSError, ValueError) as e:
             out.append(f"evaluate.general: {source.label}: {e}")
-    entries = _entries(spec)
-    if not entries:
-        return out
-    for entry in entries:
+    for entry in _entries(spec):
         try:
             selection = select_tasks([entry])
         except HarnessError as e:
@@ -81,6 +78,8 @@ def _entries(spec: JobSpec) -> list[str]:
 
 def run(ctx: RunContext) -> StageResult:
     import ray
+
+    from graft.harness import select_tasks
 
     spec, ev = ctx.spec, ctx.spec.evaluate
     base, data, experts = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Experts)
@@ -113,7 +112,12 @@ def run(ctx: RunContext) -> StageResult:
         table = {m: ray.get(ref) for m, ref in refs.items()}
         metrics = {f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()}
         if lm_refs:
-            metrics |= _write_harness(tmp, run, {k: ray.get(r) for k, r in lm_refs.items()}, harness, table, source.task)
+            merged = _write_harness(tmp, run, {k: ray.get(r) for k, r in lm_refs.items()})
+            metrics |= {f"harness.{m}.{t}.{k}": v for m, row in merged.items() for t, ms in row.items() for k, v in ms.items()}
+            if source.task is not None:  # general ability is the general task's first metric
+                (task,) = select_tasks([source.task]).names[:1]
+                for model, row in merged.items():
+                    table[model][GENERAL] = next(iter(row[task].values()))
         drops = general_drops(table)
         over = sorted(m for m, d in drops.items() if d > ev.max_general_drop)
         (tmp / "eval.json").write_text(json.dumps(table, indent=1))
@@ -140,12 +144,10 @@ def run(ctx: RunContext) -> StageResult:
         elif not path.name.startswith("."):
             ctx.parent.artifact(path, "report")
     ctx.parent.table(table_rows(table, general["drop_points"]), "eval_table.json")
-    ctx.parent.metrics({f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()})
-    ctx.parent.metrics({f"general_drop.{m}": d for m, d in general["drop_points"].items()})
     if (out / "harness.json").is_file():
-        merged = json.loads((out / "harness.json").read_text())
-        ctx.parent.table(harness_rows(merged), "harness_table.json")
-        ctx.parent.metrics({f"harness.{m}.{t}.{k}": v for m, row in merged.items() for t, ms in row.items() for k, v in ms.items()})
+        ctx.parent.table(harness_rows(json.loads((out / "harness.json").read_text())), "harness_table.json")
+    # the report item's metrics (built now or read from its marker): accuracies, general drops, lm-eval's values
+    ctx.parent.metrics({k.removeprefix("report."): v for k, v in result.metrics.items()})
     if general["over"]:
         result.warnings.append(f"general ability ({general['source']}) fell more than {general['max_general_drop']:g} points "
                                "against the base on " + ", ".join(f"{m} (-{general['drop_points'][m]:g})" for m in general["over"]))
@@ -159,11 +161,10 @@ def harness_rows(merged: dict[str, dict[str, dict[str, float]]]) -> list[dict[st
     return [{"model": model, **{f"{t}:{m}": v for t, ms in row.items() for m, v in ms.items()}} for model, row in merged.items()]
 
 
-def _write_harness(tmp: Path, run, results: dict[tuple[str, int], dict], harness: HarnessRequest,
-                   table: dict[str, dict[str, float]], general_task: str | None) -> dict[str, float]:
-    """lm-eval's results, raw per model and entry and as one {model: {task: {metric: value}}} table; the general
-    column from the general task's first metric when that is where general ability is measured."""
-    from graft.harness import metrics_of, select_tasks
+def _write_harness(tmp: Path, run, results: dict[tuple[str, int], dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """lm-eval's results, raw per model and entry (`lm_eval/`) and as one {model: {task: {metric: value}}} table
+    (`harness.json`, `harness.txt`, and an MLflow table on `run`); returns that table."""
+    from graft.harness import metrics_of
 
     raw = tmp / "lm_eval"
     raw.mkdir()
@@ -172,12 +173,8 @@ def _write_harness(tmp: Path, run, results: dict[tuple[str, int], dict], harness
         (raw / f"{model}.{i}.json").write_text(json.dumps(res, indent=1))
         merged.setdefault(model, {}).update(metrics_of(res))
     (tmp / "harness.json").write_text(json.dumps(merged, indent=1))
-    columns = sorted({(t, m) for row in merged.values() for t, ms in row.items() for m in ms})
-    rows = [[model, *(f"{merged[model].get(t, {}).get(m, float('nan')):.4g}" for t, m in columns)] for model in merged]
-    (tmp / "harness.txt").write_text(format_table(["model", *(f"{t}:{m}" for t, m in columns)], rows) + "\n")
+    cols = sorted({(t, m) for row in merged.values() for t, ms in row.items() for m in ms})
+    rows = [[model, *(f"{merged[model].get(t, {}).get(m, float('nan')):.4g}" for t, m in cols)] for model in merged]
+    (tmp / "harness.txt").write_text(format_table(["model", *(f"{t}:{m}" for t, m in cols)], rows) + "\n")
     run.table(harness_rows(merged), "harness_table.json")
-    if general_task is not None:
-        (task,) = select_tasks([general_task]).names[:1]
-        for model, row in merged.items():
-            table[model][GENERAL] = next(iter(row[task].values()))
-    return {f"harness.{model}.{t}.{m}": v for model, row in merged.items() for t, ms in row.items() for m, v in ms.items()}
+    return merged
