@@ -45,7 +45,10 @@ def input_moments(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tens
             x = inp.detach().float()
             mask = current.get("mask")
             x = x[mask.bool()] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-            sums[key] = sums.get(key, 0) + x.T @ x
+            if key in sums:  # one fp32 matmul over all of the batch's tokens, on the activations' device, in place
+                sums[key].addmm_(x.T, x)
+            else:
+                sums[key] = x.T @ x
             counts[key] = counts.get(key, 0) + x.shape[0]
         return record
 

@@ -74,6 +74,7 @@ class SkillPackManifest(Strict):
     total_bytes: NonNegativeInt
     delta_bf16_bytes: PositiveInt
     grid_tuning: dict[str, Any] | None = None
+    warnings: list[str] = []  # what packing could not do as asked (e.g. a GPTQ fallback to round-to-nearest), one line each
     checksums: dict[RelPath, Sha256] = Field(min_length=1)
     content_hash: Sha256
 

@@ -12,7 +12,9 @@ Module-aware compression of Δ = θ_after − θ_before:
   `graft.calibration.input_moments`) makes it calibration-aware: with the `gptq` quantizer V is rounded
   GPTQ-style against H, U is refit to the rounded V (least squares in the output on such inputs) and
   then rounded GPTQ-style too; with `weighted_svd` the SVD is of Δ·diag(s), s = sqrt(diag H), so the
-  kept directions are the ones that move the layer's output, not the largest in weight space.
+  kept directions are the ones that move the layer's output, not the largest in weight space. A matrix
+  that cannot be calibrated (no moment for it, a Conv1D layer, a moment GPTQ cannot factorize) is
+  rounded to nearest / factorized unweighted instead, and the manifest's `warnings` name it and say why.
 - vectors (norms, biases): fp16 (`dense`);
 - a sparse adapter's deltas (`graft.sparse.SparseDelta`) stay sparse: each kept entry's flat position,
   bit-packed at ceil(log2(numel)) bits, and its value in fp16 (`sparse`).
@@ -45,7 +47,8 @@ from graft.calibration import rms_scales
 from graft.fingerprint import tensor_digest
 from graft.lora import LowRankDelta
 from graft.manifests import SKILLPACK_FORMAT, SKILLPACK_VERSION, SkillPackManifest
-from graft.quantize import QUANTIZERS, VALID_BITS, encode_codes, from_grid, pack_uints, unpack_bits, unpack_uints
+from graft.quantize import (QUANTIZERS, VALID_BITS, Quantizer, UnusableHessian, encode_codes, from_grid, pack_uints, rtn,
+                            unpack_bits, unpack_uints)
 from graft.registry import Registry
 from graft.safetensors_io import NAMES, SafetensorsError, read_header
 from graft.signing import SIGNATURE, sign_folder
@@ -120,6 +123,8 @@ def factorize(delta: Delta, input_scale: torch.Tensor | None = None) -> Factors:
     divided by the scale, so U diag(S) Vᵀ is still the delta and S ranks directions by their effect on
     the layer's output.
     """
+    if input_scale is not None:  # a calibration moment may live on the GPU the expert ran on; the delta's device decides
+        input_scale = input_scale.to(delta.A.device if isinstance(delta, LowRankDelta) else getattr(delta, "device", "cpu"))
     if isinstance(delta, LowRankDelta):
         scale = None if delta.fan_in_fan_out else input_scale  # Conv1D: calibration not applied
         a = delta.A.float() * scale[None, :] if scale is not None else delta.A.float()
@@ -213,36 +218,66 @@ def allocate_ranks(values: dict[str, torch.Tensor], costs: dict[str, float], bud
 
 
 def _refit_u(delta: Delta, v: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """U minimizing E‖(Δ − U Vᵀ) x‖² for inputs of second moment H, and Vᵀ H V (U's input moment)."""
+    """U minimizing E‖(Δ − U Vᵀ) x‖² for inputs of second moment H, and Vᵀ H V (U's input moment), on H's device."""
+    device, v = moment.device, v.to(moment.device)
     hv = moment.double() @ v.double()
     if isinstance(delta, LowRankDelta):
-        dhv = delta.scale * (delta.B.double() @ (delta.A.double() @ hv))
+        dhv = delta.scale * (delta.B.to(device).double() @ (delta.A.to(device).double() @ hv))
     else:
-        dhv = delta.double() @ hv
+        dhv = delta.to(device).double() @ hv
     hz = v.double().T @ hv
     return (dhv @ torch.linalg.pinv(hz, hermitian=True)).float(), hz
 
 
+Rounded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a quantizer's codes, per-column min and step
+
+
+def _uncalibrated(delta: Delta, has_moment: bool) -> str | None:
+    """Why a matrix gets no calibration although the pack asks for it; None when it does get it."""
+    if isinstance(delta, LowRankDelta) and delta.fan_in_fan_out:
+        return "a Conv1D (fan_in_fan_out) layer, which calibration does not cover"
+    return None if has_moment else "no calibration moment"
+
+
+def _round_factors(delta: Delta, u: torch.Tensor, v: torch.Tensor, bits: list[int], quantizer: Quantizer,
+                   moment: torch.Tensor | None) -> tuple[Rounded, Rounded, str | None]:
+    """V and U rounded (V first: a calibrated quantizer refits U to the rounded V), and why a calibrated
+    quantizer fell back to round-to-nearest for both (None when it did not).
+
+    A calibrated quantizer runs on the moment's device (where calibration left it); the codes and grids
+    come back to the factors' device.
+    """
+    if not quantizer.calibrated:
+        return quantizer.quantize(v, bits, None, "rows"), quantizer.quantize(u, bits, None, "cols"), None
+    fallback = _uncalibrated(delta, moment is not None)
+    if fallback is None:
+        try:
+            v_rounded = quantizer.quantize(v.to(moment.device), bits, moment, "rows")
+            refit, hz = _refit_u(delta, from_grid(*v_rounded), moment)
+            u_rounded = quantizer.quantize(refit, bits, hz, "cols")
+            home = v.device
+            return tuple(t.to(home) for t in v_rounded), tuple(t.to(home) for t in u_rounded), None
+        except UnusableHessian as e:
+            fallback = str(e)
+    return rtn(v, bits), rtn(u, bits), fallback
+
+
 def encode_factors(delta: Delta, f: Factors, k: int, st: PackSettings,
                    moment: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """The svd_quant entry of rank k: U and V quantized by rank band (calibrated by `moment` if the quantizer is)."""
+    """The svd_quant entry of rank k: U and V quantized by rank band (calibrated by `moment` if the quantizer is).
+
+    When a calibrated quantizer cannot use the moment, both are rounded to nearest and the entry says so:
+    `quantizer` is "rtn" and `fallback` says why (`pack_skill` turns it into a manifest warning).
+    """
     energy = f.s.double().pow(2)
     kept = float(energy[:k].sum() / energy.sum()) if energy.sum() > 0 else 1.0
     meta = {"shape": list(f.shape), "rank": k, "bands": [], "energy_kept": kept, "weighted_svd": f.weighted, "quantizer": st.quantizer}
     if k == 0:
         return {}, meta
-    quantizer = QUANTIZERS.get(st.quantizer)
-    if not quantizer.calibrated or (isinstance(delta, LowRankDelta) and delta.fan_in_fan_out):
-        moment = None
     bands = _bands(k, st.band_fractions)
     bits = [b for n, b in zip(bands, st.bits) for _ in range(n)]
-    v = f.v[:, :k]
-    v_codes, v_lo, v_step = quantizer.quantize(v, bits, moment, "rows")
-    if moment is not None:
-        u, hz = _refit_u(delta, from_grid(v_codes, v_lo, v_step), moment)
-    else:
-        u, hz = f.u[:, :k] * f.s[:k], None
-    u_codes, u_lo, u_step = quantizer.quantize(u, bits, hz, "cols")
+    (v_codes, v_lo, v_step), (u_codes, u_lo, u_step), fallback = _round_factors(
+        delta, f.u[:, :k] * f.s[:k], f.v[:, :k], bits, QUANTIZERS.get(st.quantizer), moment)
     tensors: dict[str, torch.Tensor] = {}
     start = 0
     for i, (n, b) in enumerate(zip(bands, st.bits)):
@@ -253,8 +288,8 @@ def encode_factors(delta: Delta, f: Factors, k: int, st: PackSettings,
             tensors.update({f"{name}{i}.{part}": t for part, t in encode_codes(codes[:, cols], lo[cols], step[cols], b).items()})
         meta["bands"].append({"band": i, "start": start, "cols": n, "bits": b})
         start += n
-    if quantizer.calibrated and moment is None:
-        meta["quantizer"] = "rtn"  # no calibration for this matrix (e.g. a Conv1D layer): rounded to nearest
+    if fallback is not None:
+        meta.update(quantizer="rtn", fallback=fallback)
     return tensors, meta
 
 
@@ -357,6 +392,7 @@ class SvdQuantEntry(_Entry):
     energy_kept: float = Field(ge=0, le=1 + 1e-6)
     weighted_svd: bool
     quantizer: str
+    fallback: str | None = None  # why the pack's calibrated quantizer rounded this matrix to nearest instead
 
     @model_validator(mode="after")
     def _bands_cover_rank(self) -> "SvdQuantEntry":
@@ -705,6 +741,12 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
         tensors.update({f"{key}::{n}": t.contiguous() for n, t in local.items()})
         entries[key] = {"scheme": schemes[key], **meta, "bytes": _nbytes(local),
                         "bf16_bytes": 2 * math.prod(meta["shape"]), "stored": [f"{key}::{n}" for n in local]}
+    warnings = [f"{key}: {settings.quantizer} fell back to round-to-nearest ({e['fallback']})"
+                for key, e in entries.items() if e.get("fallback")]
+    if settings.weighted_svd:
+        warnings += [f"{key}: weighted_svd fell back to an unweighted SVD "
+                     f"({_uncalibrated(deltas[key], calibration is not None and key in calibration)})"
+                     for key, e in entries.items() if e["scheme"] == "svd_quant" and not e["weighted_svd"]]
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -719,5 +761,6 @@ def pack_skill(skill: str, deltas: dict[str, Delta], base_fingerprint: dict, set
         "tensors": entries,
         "total_bytes": sum(e["bytes"] for e in entries.values()),
         "delta_bf16_bytes": bf16_total,
+        "warnings": warnings,
     }
     return SkillPack(manifest, tensors)

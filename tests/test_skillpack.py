@@ -182,3 +182,20 @@ def test_older_pack_formats_are_refused_by_name(base_model, adapter, tmp_path):
     (folder / "skillpack.json").write_text(json.dumps(m))
     with pytest.raises(SkillPackError, match=r"skillpack.json: format_version: format v2 is no longer accepted"):
         SkillPack.load(folder)
+
+
+@pytest.mark.parametrize("bits", [3, 8, "mixed"])
+def test_fp32_rounding_to_the_grid_gives_the_exact_codes(bits):
+    """On and next to the midpoints between grid points, where an fp32 quotient can round the other way, the
+    codes are those of exact (float64) arithmetic, with one bit width or one per column."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, 64, generator=g) * 3 + 1
+    bits = torch.randint(1, 9, (64,), generator=g) if bits == "mixed" else torch.full((64,), bits)
+    lo, step = torch.empty(64, dtype=torch.float16), torch.empty(64, dtype=torch.float16)
+    for b in bits.unique().tolist():
+        lo[bits == b], step[bits == b] = column_grid(x[:, bits == b], b)
+    k = torch.randint(0, 256, x.shape, generator=g).remainder(2 ** bits).double()
+    mid = ((k + 0.5) * step.double() + lo.double()).float()
+    for xs in (mid, torch.nextafter(mid, torch.tensor(float("inf"))), torch.nextafter(mid, torch.tensor(float("-inf"))), x):
+        exact = torch.round((xs.double() - lo.double()) / step.double()).clamp(min=0)
+        assert torch.equal(round_to_grid(xs, lo, step, bits), torch.minimum(exact, 2.0 ** bits.double() - 1).long())
