@@ -8,6 +8,8 @@ on the untouched base.
 - The router is a multinomial logistic regression on one feature of the prompt: the base model's
   hidden state at a chosen layer (default: the last), mean-pooled over the real (unpadded) tokens and
   computed with every delta switched off, so the feature does not depend on the router's own choice.
+  The feature pass keeps only that layer's state and stops the forward there: the layers after it
+  never run, so routing on a middle layer of an 8B model costs about half a base prefill.
   Classes are the packs' skill names plus "none".
 - Routing is decided once per sequence, at prefill (a forward call with no KV cache, or an empty one),
   and kept for the decode steps that follow in `generate`, one weight vector per batch row.
@@ -34,9 +36,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
+from transformers.utils.output_capturing import OutputRecorder
 
+from graft.loading import CPU_FP32, LoadOptions, load_causal_lm
 from graft.artifacts import ArtifactError, manifest_hash, parse_json, payload_checksums, safe_name, validate, verify_payload
 from graft.atomic import MARKER, atomic_dir
 from graft.checkpoint import CheckpointReader
@@ -54,26 +58,103 @@ NONE = "none"  # the router's class for prompts of no skill: they run on the bas
 
 # --------------------------------------------------------------------------------------------- router
 
+class _StopForward(Exception):
+    """Raised by a capture hook once the routing layer's state is taken, to skip the layers after it."""
+
+
+def _recorded_layers(inner: nn.Module) -> tuple[list[nn.Module], int]:
+    """The modules HF records `hidden_states` from (one per decoder layer, in order) and the output index it takes.
+
+    These are the layers `output_hidden_states=True` reads, so hooking them gives exactly its states.
+    """
+    spec = getattr(inner, "can_record_outputs", {}).get("hidden_states")
+    index = 0
+    if isinstance(spec, OutputRecorder):
+        if spec.layer_name is not None or spec.class_name is not None or not spec.capture_initial_hidden_state:
+            raise ValueError(f"{type(inner).__name__} records hidden states with {spec}; the router's feature "
+                             "pass supports recording by decoder-layer class only")
+        spec, index = spec.target_class, spec.index
+    if not isinstance(spec, type):
+        raise ValueError(f"{type(inner).__name__} names no decoder-layer class for its hidden states "
+                         f"(can_record_outputs['hidden_states'] = {spec!r}); the router's feature pass needs one")
+    layers = [m for m in inner.modules() if isinstance(m, spec)]
+    n = getattr(inner.config, "num_hidden_layers", None)
+    if len(layers) != n:
+        raise ValueError(f"{type(inner).__name__}: found {len(layers)} {spec.__name__} modules but the config has "
+                         f"num_hidden_layers={n}")
+    return layers, index
+
+
 @torch.no_grad()
 def pooled_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int = -1) -> torch.Tensor:
     """(batch, hidden) float32: a causal LM's hidden state at `layer`, mean-pooled over real tokens.
 
     Positions are counted from each row's first real token, so a prompt gets the same feature however
-    much left padding its batch gave it. `layer` indexes HF's `hidden_states` (0 = embeddings, -1 = last).
+    much left padding its batch gave it. `layer` indexes HF's `hidden_states` (0 = embeddings, i = the
+    output of decoder layer i - 1, -1 = after the final norm). Only that state is kept, and the forward
+    stops once it is computed, so the layers after it never run: the same numbers as reading
+    `output_hidden_states=True`, at the cost of the layers up to `layer`.
     """
+    inner = model.base_model
+    try:
+        layers, index = _recorded_layers(inner)
+    except ValueError:  # a family that records its hidden states by hand: HF's own reading, every layer run and kept
+        return _pooled_from_all_states(model, input_ids, attention_mask, layer)
+    if not -len(layers) - 1 <= layer <= len(layers):
+        raise ValueError(f"router layer {layer} out of range: the model has hidden states 0..{len(layers)}")
+    k = layer % (len(layers) + 1)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    captured: list[torch.Tensor] = []
+
+    def take_input(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _StopForward
+
+    def take_output(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        captured.append(output[index] if isinstance(output, tuple) else output)
+        raise _StopForward
+
+    # HF's last hidden state is the model's output (after the final norm) unless the config unties them
+    whole = k == len(layers) and getattr(inner.config, "tie_last_hidden_states", None) is not False
+    if whole:
+        handle = None
+    elif k == 0:
+        handle = layers[0].register_forward_pre_hook(take_input, with_kwargs=True)
+    else:
+        handle = layers[k - 1].register_forward_hook(take_output)
     was_training = model.training
     model.eval()  # no dropout: a prompt's route must not depend on train/eval mode
     try:
-        out = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
-                               use_cache=False)
+        h = inner(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False).last_hidden_state
+    except _StopForward:
+        h = captured[0]
+    else:
+        if not whole:
+            raise RuntimeError(f"{type(inner).__name__}: the forward ran to its end without stopping at hidden state {layer}")
+    finally:
+        if handle is not None:
+            handle.remove()
+        model.train(was_training)
+    h, m = h.to(mask.device, torch.float32), mask.unsqueeze(-1).float()  # a sharded model may hold that layer on another device
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _pooled_from_all_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """`pooled_features` read from `output_hidden_states=True`: the same numbers, for model classes that do not declare
+    which decoder layer their hidden states come from (Falcon, Bloom, GPT-J, MPT, CodeGen in transformers 5)."""
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+    was_training = model.training
+    model.eval()
+    try:
+        states = model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                                  use_cache=False).hidden_states
     finally:
         model.train(was_training)
-    states = out.hidden_states
     if not -len(states) <= layer < len(states):
         raise ValueError(f"router layer {layer} out of range: the model has hidden states 0..{len(states) - 1}")
-    h, m = states[layer].float(), mask.unsqueeze(-1).float()
+    h, m = states[layer].to(mask.device, torch.float32), mask.unsqueeze(-1).float()
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
@@ -440,13 +521,13 @@ class RoutedModel(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, base: str | Path | None = None, allow_base_drift: bool = False,
-             digest_cache: DigestCache | None = None, **model_kwargs) -> "RoutedModel":
+             digest_cache: DigestCache | None = None, options: LoadOptions = CPU_FP32) -> "RoutedModel":
         """Load a saved routed model on `base` (default: the base path it was saved with); safetensors only.
 
         Refused, with a SkillPackError naming the file and field, when routed.json fails its schema or
         content hash, a file fails its checksum or is not listed, the base is not the one the folder was
         made for, or its weights drifted and the caller did not allow it (the folder never does).
-        `model_kwargs` go to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`).
+        The base is opened as `options` say (dtype, device; `graft.loading`).
         """
         folder = Path(folder)
         meta = read_routed_manifest(folder)
@@ -464,7 +545,7 @@ class RoutedModel(nn.Module):
             raise SkillPackError(f"{folder / 'router.safetensors'}: does not hold a router for classes {r.classes}")
         router = Router(r.classes, state["mean"].shape[0], r.layer, r.hard)
         router.load_state_dict(state)
-        model = AutoModelForCausalLM.from_pretrained(str(base), use_safetensors=True, **model_kwargs)
+        model = load_causal_lm(base, options)
         model.eval()
         return cls(model, packs, router, base, allow_base_drift, digest_cache)
 
@@ -484,8 +565,9 @@ def read_routed_manifest(folder: Path) -> RoutedManifest:
 
 def build_routed(base_path: str | Path, packs: Sequence[SkillPack | str | Path], prompts_by_class: dict[str, list[str]],
                  layer: int = -1, hard: bool = True, allow_base_drift: bool = False, steps: int = 300, seed: int = 0,
-                 tokenizer: str | Path | None = None, digest_cache: DigestCache | None = None, **model_kwargs) -> RoutedModel:
-    """Load the base, train a router on `prompts_by_class` (skill names + "none") and wrap it with `packs`.
+                 tokenizer: str | Path | None = None, digest_cache: DigestCache | None = None,
+                 options: LoadOptions = CPU_FP32) -> RoutedModel:
+    """Load the base (as `options` say), train a router on `prompts_by_class` (skill names + "none") and wrap it with `packs`.
 
     `tokenizer` is the folder of the base's tokenizer when it is not saved with the base.
     """
@@ -493,7 +575,7 @@ def build_routed(base_path: str | Path, packs: Sequence[SkillPack | str | Path],
     reader = CheckpointReader(base_path)
     for pack in packs:  # refuse a misfit before spending time on the router
         check_pack(pack, reader, allow_base_drift, digest_cache)
-    model = AutoModelForCausalLM.from_pretrained(str(base_path), use_safetensors=True, **model_kwargs)
+    model = load_causal_lm(base_path, options)
     model.eval()
     tok = AutoTokenizer.from_pretrained(str(tokenizer or base_path))
     tok.padding_side = "left"

@@ -2,13 +2,14 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+import graft.routing as routing
 from graft.checkpoint import CheckpointReader
 from graft.fingerprint import base_fingerprint
 from graft.grafting import graft
 from graft.lora import LowRankDelta
-from graft.routing import NONE, RoutedModel, Router, build_routed
+from graft.routing import NONE, RoutedModel, Router, build_routed, pooled_features, train_router
 from graft.skillpack import PackSettings, SkillPackError, pack_skill
 from graft.testbed.skills import generate
 from tests.conftest import make_base
@@ -164,3 +165,90 @@ def test_pack_for_another_base_is_refused(setup, tmp_path):
     router = Router([p.name for p in setup["packs"]] + [NONE], 64)
     with pytest.raises(SkillPackError, match="differs from the base the pack was made for"):
         RoutedModel(load(other), setup["packs"], router, other)
+
+
+def all_states_features(model, input_ids, attention_mask, layer):
+    """The feature as it was first defined: every hidden state kept, one read (the reference for the feature pass)."""
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        states = model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                                  output_hidden_states=True, use_cache=False).hidden_states
+    h, m = states[layer].float(), attention_mask.unsqueeze(-1).float()
+    return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def four_layer_model(family):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=32, n_layer=4, n_head=4, n_positions=32)).eval()
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)).eval()
+
+
+def left_padded():
+    ids = torch.randint(1, 40, (3, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("layer", [0, 1, 2, -1, -2])
+def test_feature_pass_equals_all_hidden_states_and_runs_only_the_layers_up_to_it(family, layer):
+    model = four_layer_model(family)
+    ids, mask = left_padded()
+    blocks = model.base_model.layers if family == "llama" else model.base_model.h
+    ran = [0] * len(blocks)
+    hooks = [b.register_forward_hook(lambda *_, i=i: ran.__setitem__(i, ran[i] + 1)) for i, b in enumerate(blocks)]
+    got = pooled_features(model, ids, mask, layer)
+    for h in hooks:
+        h.remove()
+    assert not any(b._forward_hooks or b._forward_pre_hooks for b in blocks)  # the capture hook is gone
+    k = layer % (len(blocks) + 1)
+    assert ran == [1] * k + [0] * (len(blocks) - k)  # layers k.. (those after the routing state) never ran
+    assert torch.equal(got, all_states_features(model, ids, mask, layer))
+
+
+def test_feature_pass_refuses_an_unknown_layer_and_reads_every_state_where_no_layer_is_declared():
+    model = four_layer_model("llama")
+    ids, mask = left_padded()
+    for layer in (5, -6):
+        with pytest.raises(ValueError, match="out of range: the model has hidden states 0..4"):
+            pooled_features(model, ids, mask, layer)
+    model.base_model._can_record_outputs = {}  # a family that records hidden states by hand (Falcon, Bloom, GPT-J, ...)
+    assert torch.equal(pooled_features(model, ids, mask, 1), all_states_features(model, ids, mask, 1))
+    with pytest.raises(ValueError, match="out of range: the model has hidden states 0..4"):
+        pooled_features(model, ids, mask, 5)
+
+
+class AllStatesRouted(RoutedModel):
+    """A RoutedModel whose routing features are read from every hidden state, as they were first computed."""
+
+    def _features(self, input_ids, attention_mask):
+        with self.deltas_off():
+            return all_states_features(self.model, input_ids, attention_mask, self.router.layer).to(self.router.mean.device)
+
+
+def test_generate_routes_once_per_call_on_a_middle_layer_as_the_all_states_pass_did(setup, monkeypatch):
+    base, packs, tok = setup["base"], setup["packs"], setup["tok"]
+    train = {c: [e["prompt"] for e in generate(s, "train", 30, 0)] for c, s in (("reverse", "reverse"), ("add", "add"),
+                                                                                (NONE, "general"))}
+    router = train_router(load(base), tok, train, layer=1, steps=100)
+    new, old = RoutedModel(load(base), packs, router, base).eval(), AllStatesRouted(load(base), packs, router, base).eval()
+    enc = batch(tok, ["rev:abcdefg=", "add:03+04=", "copy:k=", "add:51+62=", "rev:xy="])
+    w = new.weights(enc["input_ids"], enc["attention_mask"])
+    assert torch.equal(w, old.weights(enc["input_ids"], enc["attention_mask"])) and len(set(map(tuple, w.tolist()))) > 1
+
+    passes = []
+    counted = routing.pooled_features
+    monkeypatch.setattr(routing, "pooled_features", lambda *a, **k: passes.append(1) or counted(*a, **k))
+    kw = dict(do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        got = new.generate(**enc, **kw)
+        assert len(passes) == 1  # routed at prefill, reused by every decode step
+        want = old.generate(**enc, **kw)
+        uncached = new.generate(**enc, **kw, use_cache=False)
+    assert torch.equal(got.sequences, want.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, want.logits, strict=True))
+    assert len(passes) == 1 + len(uncached.logits)  # without a cache every step is a prefill and is routed anew
