@@ -349,6 +349,18 @@ def harness(data: Mapping) -> Lines:
           num(r.get("lm_eval_seconds"), 2)] for r in rows))
 
 
+@formatter("plan", "`graft plan`: each stage's peak memory per worker, for real model sizes")
+def plan(data: Mapping) -> Lines:
+    node = data.get("node", {})
+    lines = [f"LoRA, ZeRO-3, bf16 on a node of {num(node.get('gpus'))} × {num(node.get('gpu_gb'))} GB GPUs "
+             "(`compute.accelerator: cuda`).", ""]
+    return lines + table(
+        ["model", "params", "stage", "ZeRO", "GPUs", "peak GB / worker", "host GB / worker", "fits 80 GB"],
+        ([r.get("model"), f"{r.get('params', 0) / 1e9:.2f}B", r.get("stage"), num(r.get("zero_stage")), num(r.get("gpus")),
+          num(r.get("peak_gb_per_worker"), 2), num(r.get("host_gb_per_worker"), 2), r.get("fits_80gb")]
+         for r in data.get("rows", [])))
+
+
 def generic(data: Mapping) -> Lines:
     """Any result without a formatter: its leaf values (nested dicts flattened to dotted keys; lists left out)."""
 
