@@ -7,7 +7,12 @@ import importlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipelines.plan import Node
 
 EXIT_SPEC = 2
 EXIT_FAILED = 1
@@ -89,17 +94,67 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_SPEC
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from pipelines.driver import run_job
+    from pipelines.plan import PlanError
 
     try:
         run_job(spec, Path(args.job), address=args.address, force=frozenset(args.force or ()),
-                env_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"))
+                env_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"), node=node_from_args(args),
+                submission_id=args.submission_id)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
+    except PlanError as e:  # a stage that cannot fit the largest node: refused before anything ran
+        if args.debug:
+            raise
+        return _fail(str(e), EXIT_SPEC)
     except Exception as e:  # one line for the user; the full error is in the FAILED MLflow run
         if args.debug:
             raise
         return _fail(one_line(e), EXIT_FAILED)
     return 0
+
+
+def _at_least(low: float, kind: type) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"expected at least {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def add_node_arguments(p: argparse.ArgumentParser) -> None:
+    """The options describing the cluster's largest node, which `graft plan` and `graft run` check every stage against."""
+    g = p.add_argument_group("the cluster's largest node (default: this machine; with no GPU visible, 8 GPUs of 80 GB)")
+    g.add_argument("--node-gpus", type=_at_least(0, int), metavar="N", help="GPUs on the largest node")
+    g.add_argument("--node-gpu-gb", type=_at_least(0.001, float), metavar="GB", help="memory of each of its GPUs (GB = 10^9 bytes)")
+    g.add_argument("--node-ram-gb", type=_at_least(0.001, float), metavar="GB", help="its RAM (default: this machine's)")
+    g.add_argument("--node-cpus", type=_at_least(1, int), metavar="N", help="its CPU cores (default: this machine's)")
+
+
+def node_from_args(args: argparse.Namespace) -> Node:
+    """The largest node: each option given, the rest from this machine (`pipelines.plan.local_node`)."""
+    from dataclasses import replace
+
+    from pipelines.plan import local_node
+
+    given = {"gpus": args.node_gpus, "gpu_gb": args.node_gpu_gb, "ram_gb": args.node_ram_gb, "cpus": args.node_cpus}
+    return replace(local_node(), **{k: v for k, v in given.items() if v is not None})
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    spec = load_spec_or_report(args.job)
+    if spec is None:
+        return EXIT_SPEC
+    from pipelines.plan import format_plan, plan_job, refusal
+
+    plan = plan_job(spec, node_from_args(args))
+    print(format_plan(plan, args.job))
+    line = refusal(plan, args.job)
+    return _fail(line, EXIT_SPEC) if line else 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -173,7 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="existing Ray cluster: 'auto', 'ray://HOST:10001' or 'HOST:6379' (default: a private local Ray)")
     r.add_argument("--force", action="append", metavar="STAGE",
                    help="rerun STAGE even when its outputs are complete ('all' for every stage)")
+    r.add_argument("--submission-id", metavar="ID", help="the Ray Jobs submission running this driver (`graft submit` "
+                   "passes it): tagged graftline.ray_submission_id on the job's MLflow run, where `graft status ID` finds it")
+    add_node_arguments(r)
     r.set_defaults(fn=cmd_run)
+
+    pl = sub.add_parser("plan", help="per stage: what it asks Ray for and each worker's peak memory; refused when a stage "
+                                     "cannot fit the largest node (`graft run` checks the same first)")
+    pl.add_argument("job", help="job YAML, e.g. jobs/demo.yaml")
+    add_node_arguments(pl)
+    pl.set_defaults(fn=cmd_plan)
 
     v = sub.add_parser("validate", help="check a job spec without running it")
     v.add_argument("job")

@@ -15,10 +15,11 @@ from typing import Any
 
 from pipelines.artifacts import Board, Report
 from pipelines.context import RunContext, StageResult
+from pipelines.plan import Node, local_node, require_fit
 from pipelines.recipes import Recipe, check_job
 from pipelines.runtime import ray_session
 from pipelines.spec import COMMON_FIELDS, JobSpec
-from pipelines.tracking import Tracker, default_tracking_uri
+from pipelines.tracking import SUBMISSION_TAG, Tracker, default_tracking_uri
 
 
 class JobError(RuntimeError):
@@ -45,20 +46,29 @@ def job_params(spec: JobSpec, recipe: Recipe) -> dict[str, Any]:
 
 
 def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force: frozenset[str] = frozenset(),
-            env_tracking_uri: str | None = None, log: Callable[[str], None] = print) -> JobRun:
-    """Run the stages of `spec`'s recipe in order; stages whose outputs are complete for the same key are reused."""
+            env_tracking_uri: str | None = None, log: Callable[[str], None] = print, node: Node | None = None,
+            submission_id: str | None = None) -> JobRun:
+    """Run the stages of `spec`'s recipe in order; stages whose outputs are complete for the same key are reused.
+
+    `submission_id` (a Ray Jobs submission, passed by `graft submit` on the entrypoint's command line) becomes the
+    parent run's `graftline.ray_submission_id` tag, by which `graft status ID` finds the run.
+
+    First, before Ray starts, every stage is checked against the cluster's largest node (`node`, default this machine:
+    `pipelines.plan.local_node`): a stage that cannot fit is refused with one line (PlanError), as `graft plan` shows."""
     recipe = check_job(spec, str(job_file))
     unknown = force - {*recipe.stages, "all"}
     if unknown:
         raise JobError(f"--force: no stage {sorted(unknown)[0]!r} in recipe {recipe.name!r}; its stages: "
                        f"{', '.join(recipe.stages)}, all")
+    require_fit(spec, recipe, str(job_file), node or local_node())
     root = (spec.output_dir / spec.name).resolve()
     uri = resolve_tracking_uri(spec, env_tracking_uri)
     run = JobRun(recipe, {}, Board())
     stages = recipe.modules()
     with job_session(spec, address, uri, root, log) as (resources, tracker):
         with tracker.run(spec.name, tags={"graftline.job_file": str(job_file), "graftline.root": str(root),
-                                          "graftline.recipe": recipe.name}) as parent:
+                                          "graftline.recipe": recipe.name,
+                                          **({SUBMISSION_TAG: submission_id} if submission_id else {})}) as parent:
             log(f"graftline: job {spec.name!r}, recipe {recipe.name!r} → {root}   (MLflow {uri}, run {parent.run_id})")
             parent.params(job_params(spec, recipe))
             parent.artifact(job_file, "job")

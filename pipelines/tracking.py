@@ -26,6 +26,8 @@ from mlflow.tracking import MlflowClient
 
 MAX_PARAM_CHARS = 6000
 JOB_TAG, OWNER_TAG = "graftline.job", "graftline.owner"
+# The Ray Jobs submission id of the job whose parent run carries it (`graft run --submission-id`, set by `graft submit`).
+SUBMISSION_TAG = "graftline.ray_submission_id"
 
 
 def process_identity(pid: int | None = None) -> str:
