@@ -36,6 +36,7 @@ from graft.testbed.skills import SKILLS, generate  # noqa: E402
 from pipelines.artifacts import Base, Experts, Grafted  # noqa: E402
 from pipelines.driver import run_job  # noqa: E402
 from pipelines.evaluation import open_model  # noqa: E402
+from pipelines.placement import Placement  # noqa: E402
 from pipelines.inputs import digest_cache  # noqa: E402
 from pipelines.spec import load_job  # noqa: E402
 
@@ -58,6 +59,7 @@ def main() -> None:
     base, experts, grafted = board.get(Base), board.get(Experts), board.get(Grafted)
     tok = AutoTokenizer.from_pretrained(base.tokenizer.path)
     cache = str(digest_cache(spec).folder)
+    CPU = Placement("cpu", "float32", 0.0, 1)  # noqa: N806 - what the committed comparison ran on
     ev = spec.evaluate
     models = {"base": (base.model, None)} | {f"expert-{s.name}": (base.model, experts[s.name]) for s in spec.skills}
     models["grafted"] = (grafted.model, None)
@@ -68,8 +70,8 @@ def main() -> None:
         tasks = {s: (rows[:ev.examples], write_skill_task(s, rows, Path(scratch), ev.max_new_tokens)) for s, rows in held_out.items()}
         for name, (model, expert) in models.items():
             ours_model = (Expert(Path(expert.path), experts.kind).load(model.path) if expert is not None
-                          else open_model(model, None, experts.kind, False, cache))
-            theirs_model = open_model(model, expert, experts.kind, False, cache)
+                          else open_model(model, None, experts.kind, CPU, False, cache))
+            theirs_model = open_model(model, expert, experts.kind, CPU, False, cache)
             for skill, (rows, task) in tasks.items():
                 t0 = time.time()
                 ours = generate_answers(ours_model, tok, [r["prompt"] for r in rows], ev.max_new_tokens, ev.batch_size)

@@ -49,6 +49,7 @@ def main() -> None:
     import ray
 
     from pipelines.cache import Ref
+    from pipelines.placement import Placement
     from pipelines.runtime import ray_session
     from pipelines.stages.score import ScoreRequest, score_shard
     from pipelines.training.deepspeed_config import GRAD_CLIP, build_deepspeed_config
@@ -66,12 +67,13 @@ def main() -> None:
         with ray_session(None, num_cpus=os.cpu_count()):
             task = ray.remote(num_cpus=1)(score_shard)
             for n in (1, 2):
-                req = ScoreRequest(base=base, adapter=None, tokenizer=base, data=data, method="fisher", shards=n, examples=args.examples,
-                                   batch_size=1, max_length=64, trust_remote_code=False)
+                req = ScoreRequest(base=base, expert=None, expert_kind="lora", tokenizer=base, data=data, method="fisher", shards=n,
+                                   examples=args.examples, batch_size=1, max_length=64, trust_remote_code=False,
+                                   placement=Placement("cpu", "float32", 0.0, 1))
 
                 def round_(req=req, n=n) -> float:
                     t0 = time.time()
-                    ray.get([task.remote(req, i, 1) for i in range(n)])
+                    ray.get([task.remote(req, i) for i in range(n)])
                     return time.time() - t0
 
                 round_()  # warm-up: worker processes started and imports done

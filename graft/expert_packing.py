@@ -19,6 +19,7 @@ from graft.checkpoint import CheckpointReader
 from graft.fingerprint import base_fingerprint
 from graft.grid_tuning import DEFAULT_LR, tune_grids
 from graft.experts import Expert
+from graft.loading import CPU_FP32, LoadOptions
 from graft.lora import load_with_adapter
 from graft.skillpack import Delta, PackSettings, SkillPack, SkillPackError, pack_skill
 
@@ -26,18 +27,18 @@ from graft.skillpack import Delta, PackSettings, SkillPack, SkillPackError, pack
 def pack_expert(skill: str, base: str | Path, expert: Expert, deltas: dict[str, Delta], settings: PackSettings, *,
                 calibration_batches: list[dict[str, torch.Tensor]] | None = None, importance: dict[str, torch.Tensor] | None = None,
                 source: dict | None = None, tune_steps: int = 0, tune_lr: float = DEFAULT_LR,
-                trust_remote_code: bool = False) -> SkillPack:
+                load: LoadOptions = CPU_FP32) -> SkillPack:
     """Pack `deltas` (the expert's, or a subset) of `expert` into a SkillPack for `base`.
 
     `calibration_batches` (collated rows with answer labels, `graft.data.labelled_batches`) are needed
-    when `settings.needs_calibration` or `tune_steps` > 0; the expert is loaded only then.
+    when `settings.needs_calibration` or `tune_steps` > 0; the expert is loaded only then, as `load` says.
     """
     if (settings.needs_calibration or tune_steps) and not calibration_batches:
         raise SkillPackError(f"packing {skill!r} with these settings needs calibration batches (the expert's training rows)")
-    model = expert.load(base, trust_remote_code) if calibration_batches else None
+    model = expert.load(base, options=load) if calibration_batches else None
     moments = LayerMoments(model, calibration_batches, list(deltas)) if model is not None else None
     pack = pack_skill(skill, deltas, base_fingerprint(CheckpointReader(base), list(deltas)), settings, source,
                       calibration=moments, importance=importance)
     if tune_steps:
-        pack = tune_grids(pack, load_with_adapter(base, None, trust_remote_code), model, calibration_batches, tune_steps, tune_lr)
+        pack = tune_grids(pack, load_with_adapter(base, None, options=load), model, calibration_batches, tune_steps, tune_lr)
     return pack

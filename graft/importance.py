@@ -1,8 +1,12 @@
 """Per-parameter importance scores, registered by name, computed shard by shard and combined exactly.
 
-A score function sees a model and an iterable of batches (one data shard) and returns an
-`ImportancePartial`: running sums plus the number of terms. Partials from any split of the data add
-up to exactly the partial of the whole data, so scoring fans out over shards and reduces by `+`.
+A score function sees a model, an iterable of batches (one data shard) and the names of the parameters to
+score, and returns an `ImportancePartial`: running sums plus the number of terms. Partials from any split
+of the data add up to exactly the partial of the whole data, so scoring fans out over shards and reduces by `+`.
+
+Only the named parameters are scored (`keys`; None: every parameter): for a SkillPack, what its expert's
+delta touches (an adapter's target modules), not the whole model. Only those parameters take gradients,
+so an 8B model's scoring holds gradients and float32 sums of its adapted matrices, not of all 8B weights.
 
 - `magnitude`: |θ| (needs no data);
 - `fisher`: the diagonal of the empirical Fisher, the mean squared gradient of the loss;
@@ -11,7 +15,7 @@ up to exactly the partial of the whole data, so scoring fans out over shards and
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,20 +43,32 @@ class ImportancePartial:
         return {k: v / self.count for k, v in self.sums.items()}
 
 
-ScoreFn = Callable[[torch.nn.Module, Iterable[dict[str, torch.Tensor]]], ImportancePartial]
+ScoreFn = Callable[[torch.nn.Module, Iterable[dict[str, torch.Tensor]], Collection[str] | None], ImportancePartial]
 SCORES: Registry[ScoreFn] = Registry("importance score")
 
 
-def _gradient_terms(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                    term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ImportancePartial:
+def scored_parameters(model: torch.nn.Module, keys: Collection[str] | None) -> dict[str, torch.nn.Parameter]:
+    """The floating-point parameters named by `keys` (None: all of them); a key the model lacks is a ValueError."""
     params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
-    frozen = {n for n, p in params.items() if not p.requires_grad}
+    if keys is None:
+        return params
+    missing = sorted(set(keys) - set(params))
+    if missing:
+        raise ValueError(f"cannot score tensor {missing[0]!r}: not a floating-point parameter of the model")
+    return {n: params[n] for n in keys}
+
+
+def _gradient_terms(model: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], keys: Collection[str] | None,
+                    term: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> ImportancePartial:
+    params = scored_parameters(model, keys)
+    every = dict(model.named_parameters())
+    wanted = {n: every[n].requires_grad for n in every}  # restored afterwards
     sums = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
     count = 0
     was_training = model.training
     model.eval()  # no dropout: scores are a property of the weights, not of a noise draw
-    for p in params.values():
-        p.requires_grad_(True)
+    for n, p in every.items():
+        p.requires_grad_(n in params)
     try:
         for batch in batches:
             model.zero_grad(set_to_none=True)
@@ -64,24 +80,24 @@ def _gradient_terms(model: torch.nn.Module, batches: Iterable[dict[str, torch.Te
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
-        for n in frozen:
-            params[n].requires_grad_(False)
+        for n, p in every.items():
+            p.requires_grad_(wanted[n])
     return ImportancePartial(sums, count)
 
 
 @SCORES.register("fisher")
-def fisher(model, batches) -> ImportancePartial:
-    return _gradient_terms(model, batches, lambda g, w: g.pow(2))
+def fisher(model, batches, keys=None) -> ImportancePartial:
+    return _gradient_terms(model, batches, keys, lambda g, w: g.pow(2))
 
 
 @SCORES.register("snip")
-def snip(model, batches) -> ImportancePartial:
-    return _gradient_terms(model, batches, lambda g, w: (g * w).abs())
+def snip(model, batches, keys=None) -> ImportancePartial:
+    return _gradient_terms(model, batches, keys, lambda g, w: (g * w).abs())
 
 
 @SCORES.register("magnitude")
-def magnitude(model, batches) -> ImportancePartial:
-    return ImportancePartial({n: p.detach().float().abs() for n, p in model.named_parameters()}, 1)
+def magnitude(model, batches, keys=None) -> ImportancePartial:
+    return ImportancePartial({n: p.detach().float().abs() for n, p in scored_parameters(model, keys).items()}, 1)
 
 
 def save_scores(scores: dict[str, torch.Tensor], path: str | Path, method: str, count: int) -> None:

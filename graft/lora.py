@@ -15,6 +15,7 @@ import torch
 
 from graft.artifacts import ArtifactError, parse_json
 from graft.checkpoint import CheckpointError, CheckpointReader, weight_files
+from graft.loading import CPU_FP32, LoadOptions, load_causal_lm
 from graft.manifests import AdapterConfig
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -113,16 +114,12 @@ def load_adapter(model, adapter: str | Path):
     return PeftModel.from_pretrained(model, str(check_adapter_folder(adapter)))
 
 
-def load_with_adapter(base: str | Path, adapter: str | Path | None, trust_remote_code: bool = False):
-    """The base causal LM (safetensors only), with a LoRA adapter merged into its weights when one is given."""
-    from transformers import AutoModelForCausalLM
-
-    if Path(base).is_dir():
-        weight_files(base)  # a folder holding only pickles is refused by name
+def load_with_adapter(base: str | Path, adapter: str | Path | None, *, options: LoadOptions = CPU_FP32):
+    """The base causal LM (safetensors only, in `options`' dtype and device), with a LoRA adapter merged into its
+    weights when one is given."""
     if adapter is not None:
         check_adapter_folder(adapter)  # before the base is loaded, not after
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32, trust_remote_code=trust_remote_code,
-                                                 use_safetensors=True)
+    model = load_causal_lm(base, options)
     if adapter is None:
         return model
     return load_adapter(model, adapter).merge_and_unload()

@@ -21,6 +21,7 @@ import torch
 
 from graft.artifacts import ArtifactError
 from graft.checkpoint import CheckpointReader
+from graft.loading import CPU_FP32, LoadOptions, load_causal_lm
 from graft.lora import LowRankDelta
 from graft.skillpack import Delta
 from graft.sparse import SparseDelta
@@ -67,17 +68,16 @@ def update_gap(delta: Mapping[str, Delta], reference: Mapping[str, Delta]) -> di
     return out
 
 
-def ported_model(new_base: str | Path, deltas: Mapping[str, Delta], trust_remote_code: bool = False) -> torch.nn.Module:
-    """θ' + Δ in memory: the new base (safetensors only) with every delta of the patch added (fits checked first)."""
-    from transformers import AutoModelForCausalLM
-
+def ported_model(new_base: str | Path, deltas: Mapping[str, Delta], *, options: LoadOptions = CPU_FP32) -> torch.nn.Module:
+    """θ' + Δ in memory: the new base (safetensors only, opened as `options` say) with every delta of the patch added
+    (fits checked first). The sum is taken in float32 and rounded once to the weights' dtype."""
     check_fits(deltas, new_base)
-    model = AutoModelForCausalLM.from_pretrained(str(new_base), dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    model = load_causal_lm(new_base, options)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, delta in deltas.items():
             if key not in params:
                 raise PortError(f"{new_base}: tensor {key!r} is not a parameter of the loaded model")
-            params[key].add_(dense(delta).to(params[key].dtype).view_as(params[key]))
+            p = params[key]
+            p.copy_((p.float() + dense(delta).to(p.device).view_as(p)).to(p.dtype))
     return model

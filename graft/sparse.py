@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from graft.checkpoint import CheckpointReader, weight_files
+from graft.loading import CPU_FP32, LoadOptions
 from graft.registry import Registry
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -251,10 +252,10 @@ def read_sparse_deltas(folder: str | Path, base: str | Path | None = None) -> di
     return out
 
 
-def load_sparse(base: str | Path, folder: str | Path, trust_remote_code: bool = False) -> nn.Module:
-    """The base causal LM (safetensors only) with a sparse adapter's deltas added to its weights."""
+def load_sparse(base: str | Path, folder: str | Path, options: LoadOptions = CPU_FP32) -> nn.Module:
+    """The base causal LM (safetensors only, opened as `options` say) with a sparse adapter's deltas added to its weights."""
     from graft.port import ported_model  # base + deltas in memory; graft.port reads SparseDelta, so imported here
 
     deltas = read_sparse_deltas(folder, base)
     weight_files(base)
-    return ported_model(base, deltas, trust_remote_code)
+    return ported_model(base, deltas, options=options)

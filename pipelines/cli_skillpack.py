@@ -64,6 +64,8 @@ def cmd_pack(args: argparse.Namespace) -> int:
     m = pack.manifest
     print(f"{args.out}: {len(m['tensors'])} tensors, {m['total_bytes']} bytes "
           f"({m['total_bytes'] / m['delta_bf16_bytes']:.3f} of the bf16 delta)")
+    for warning in m.get("warnings", []):  # what the pack could not do as asked, also in its manifest
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -87,9 +89,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     inputs = _inputs(args.expert, args.base, args.data, args.tokenizer)
     _check_out(args, *inputs)
     score = SCORES.get(args.method)
-    model = Expert(Path(args.expert), args.kind).load(args.base)
+    expert = Expert(Path(args.expert), args.kind)
+    model = expert.load(args.base)
     batches = _labelled_batches(args.tokenizer or args.base, args.data, args.examples, args.max_length, args.batch_size)
-    partial = score(model, batches)
+    partial = score(model, batches, expert.touches(args.base))  # what a SkillPack of this expert can touch
     scores = partial.finalize()
     summary = module_summary(scores)
     with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs, kind="scores") as tmp:
@@ -224,6 +227,7 @@ def cmd_port(args: argparse.Namespace) -> int:
     from graft.atomic import atomic_dir
     from graft.experts import Expert
     from graft.model_checks import check_checkpoint
+    from graft.loading import LoadOptions
     from graft.port import base_drift, check_fits, ported_model
 
     inputs = _inputs(args.patch, args.old, args.new)
@@ -231,7 +235,7 @@ def cmd_port(args: argparse.Namespace) -> int:
     deltas = Expert(Path(args.patch), args.kind).deltas(args.old)
     check_fits(deltas, args.new)
     drift = base_drift(args.old, args.new, list(deltas))
-    model = ported_model(args.new, deltas, args.trust_remote_code)
+    model = ported_model(args.new, deltas, options=LoadOptions(trust_remote_code=args.trust_remote_code))
     with atomic_dir(args.out, overwrite=args.overwrite, inputs=inputs, kind="ported") as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         for f in Path(args.new).iterdir():  # the new base's tokenizer files

@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from pipelines.cache import Ref
 from pipelines.placement import Placement
 from pipelines.spec import EvaluateSpec, JobSpec
@@ -27,6 +25,7 @@ class EvaluateRequest:
     tests: tuple[tuple[str, Ref], ...]
     settings: EvaluateSpec
     trust_remote_code: bool
+    placement: Placement
 
 
 def evaluate_model(model: Ref, expert: Ref | None, req: EvaluateRequest, cache_dir: str,
@@ -38,30 +37,32 @@ def evaluate_model(model: Ref, expert: Ref | None, req: EvaluateRequest, cache_d
     from graft.data import read_jsonl
     from graft.evaluation import exact_match
 
-    torch.set_num_threads(1)
+    req.placement.enter()
     ev = req.settings
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
-    loaded = open_model(model, expert, req.expert_kind, req.trust_remote_code, cache_dir, allow_base_drift, merged=True)
+    loaded = open_model(model, expert, req.expert_kind, req.placement, req.trust_remote_code, cache_dir, allow_base_drift, merged=True)
     return {skill: exact_match(loaded, tok, read_jsonl(test.path)[:ev.examples], ev.max_new_tokens, ev.batch_size)
             for skill, test in req.tests}
 
 
-def open_model(model: Ref, expert: Ref | None, expert_kind: str, trust_remote_code: bool, cache_dir: str,
+def open_model(model: Ref, expert: Ref | None, expert_kind: str, where: Placement, trust_remote_code: bool, cache_dir: str,
                allow_base_drift: bool = False, merged: bool = False):
-    """One model: the base, an expert of it, or a routed folder as a routed model (so routing is what gets measured).
-    An expert's adapter is merged into the base with `merged` (graftline's own loop), else kept as an adapter, as
-    outside tools (lm-eval) run it."""
+    """One model, on `where`'s device and in its dtype: the base, an expert of it, or a routed folder as a routed model
+    (so routing is what gets measured). An expert's adapter is merged into the base with `merged` (graftline's own
+    loop), else kept as an adapter, as outside tools (lm-eval) run it."""
     from graft.experts import Expert
     from graft.fingerprint import DigestCache
     from graft.lora import load_with_adapter
     from graft.routing import RoutedModel, is_routed
 
+    load = where.load_options(trust_remote_code)
     if is_routed(model.path):
-        return RoutedModel.load(model.path, allow_base_drift=allow_base_drift, digest_cache=DigestCache(cache_dir))
+        return RoutedModel.load(model.path, allow_base_drift=allow_base_drift, digest_cache=DigestCache(cache_dir),
+                                options=load)
     if expert is not None:
         loaded = Expert(Path(expert.path), expert_kind)
-        return (loaded.load if merged else loaded.open)(model.path, trust_remote_code)
-    return load_with_adapter(model.path, None, trust_remote_code)
+        return (loaded.load if merged else loaded.open)(model.path, options=load)
+    return load_with_adapter(model.path, None, options=load)
 
 
 @dataclass(frozen=True)
@@ -84,8 +85,9 @@ def harness_model(model: Ref, expert: Ref | None, entry: str, req: HarnessReques
 
     from graft.harness import run_tasks, select_tasks
 
+    req.placement.enter()
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
-    loaded = req.placement.place(open_model(model, expert, req.expert_kind, req.trust_remote_code, cache_dir))
+    loaded = open_model(model, expert, req.expert_kind, req.placement, req.trust_remote_code, cache_dir)
     return run_tasks(loaded, tok, select_tasks([entry]), limit=req.settings.examples, batch_size=req.settings.batch_size)
 
 

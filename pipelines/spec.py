@@ -75,6 +75,20 @@ class Strict(BaseModel):
 SafeName = Annotated[str, AfterValidator(safe_name)]
 
 
+class ComputeSpec(Strict):
+    """Where every stage's model work runs; `pipelines.placement` turns it into device, dtype, threads and Ray resources.
+
+    On `cuda`, training's workers each take one GPU, and every other model task (scoring, packing, evaluation,
+    distillation, transplant extraction, ...) runs in bfloat16 on `gpus_per_task` of a GPU. A fraction lets several
+    tasks of a small model share one GPU; `graft plan` shows what each task needs.
+    """
+
+    accelerator: Literal["cpu", "cuda"] = "cpu"
+    gpus_per_task: float = Field(1.0, gt=0, le=1, description="with accelerator cuda: the GPU share of each model task "
+                                 "outside training (below 1: several tasks share a GPU)")
+    cpus_per_task: int = Field(1, gt=0, le=256, description="CPU threads of each model task outside training")
+
+
 class TrackingSpec(Strict):
     uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else sqlite under output_dir")
     experiment: str = "graftline"
@@ -232,7 +246,6 @@ class TrainSpec(Strict):
                                             "is the stage that runs (and what MLflow records as deepspeed.zero_stage)")
     num_workers: int = Field(2, gt=0)
     cpus_per_worker: int = Field(1, gt=0)
-    accelerator: Literal["cpu", "cuda"] = "cpu"
     steps: int = Field(400, gt=0)
     batch_size: int = Field(32, gt=0, description="per worker")
     lr: float = Field(3e-3, gt=0)
@@ -249,6 +262,13 @@ class TrainSpec(Strict):
                                   "storage, from which a failed worker group resumes (the testbed's trainings too)")
     max_failures: int = Field(2, ge=0, le=100, description="worker-group failures (a killed worker, a lost node) a training "
                               "run recovers from, each time from its last checkpoint, before the stage fails")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "accelerator" in data:
+            raise ValueError("accelerator: moved to compute.accelerator (it places every stage, not only training)")
+        return data
 
     @field_validator("deepspeed", mode="before")
     @classmethod
@@ -586,6 +606,7 @@ class JobSpec(Strict):
     base: str = Field("testbed", description="'testbed', a local HF checkpoint folder, or a hub id")
     tokenizer: str | None = Field(None, description="default: the base's own tokenizer")
     trust_remote_code: bool = False
+    compute: ComputeSpec = ComputeSpec()
     tracking: TrackingSpec = TrackingSpec()
     testbed: TestbedSpec = TestbedSpec()
     skills: list[SkillSpec] = Field(min_length=1)
@@ -644,7 +665,7 @@ def _key_path(loc: tuple) -> str:
 
 
 # fields every recipe reads; the other sections belong to the stages that declare them (SECTIONS)
-COMMON_FIELDS = ("name", "recipe", "seed", "output_dir", "base", "tokenizer", "trust_remote_code", "tracking", "skills")
+COMMON_FIELDS = ("name", "recipe", "seed", "output_dir", "base", "tokenizer", "trust_remote_code", "compute", "tracking", "skills")
 SPEC_SECTIONS = tuple(f for f in JobSpec.model_fields if f not in COMMON_FIELDS and f != "sweep")
 
 

@@ -93,7 +93,7 @@ def test_kuberay_rayjob():
         job = load_job(cmd[4])
     finally:
         os.chdir(cwd)
-    assert job.train.accelerator == "cuda" and job.output_dir.is_absolute()
+    assert job.compute.accelerator == "cuda" and job.output_dir.is_absolute()
 
 
 def test_cluster_jobs_validate(monkeypatch):

@@ -110,7 +110,7 @@ def test_testbed_keys_cover_train_deepspeed_and_threads_and_chain_recipes(tmp_pa
     v1, v2 = reqs["base-v1"], reqs["base-v2"]
     assert v2.model == Ref(str(tmp_path / "testbed" / f"base-v1-{v1.key()}"), v1.key())  # starts from base-v1's output
     for sections in ({"train": {"deepspeed": ZERO3}}, {"train": {"cpus_per_worker": 2}}, {"testbed": {"zero_stage": 3}},
-                     {"train": {"accelerator": "cuda"}}, {"seed": 1}):
+                     {"compute": {"accelerator": "cuda"}}, {"seed": 1}):
         other = model_requests_for(tmp_path, **sections)
         assert other["base-v1"].key() != v1.key(), sections
         assert other["base-v2"].key() != v2.key(), sections  # a changed parent changes its children

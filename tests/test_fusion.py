@@ -47,6 +47,7 @@ def test_routed_fusion_writes_a_folder_the_evaluate_stage_scores(base_model, tmp
     from pipelines.cache import Ref
     from pipelines.spec import EvaluateSpec
     from pipelines.evaluation import EvaluateRequest, evaluate_model
+    from pipelines.placement import Placement
 
     reader = CheckpointReader(base_model)
     d = read_lora_deltas(make_adapter(base_model, tmp_path / "a", seed=3))
@@ -67,7 +68,7 @@ def test_routed_fusion_writes_a_folder_the_evaluate_stage_scores(base_model, tmp
         files[s] = str(tmp_path / f"{s}.jsonl")
     req = EvaluateRequest(models=(("grafted", Ref(str(out), "k"), None),), expert_kind="lora", tokenizer=Ref(str(base_model), "t"),
                           tests=tuple((s, Ref(f, s)) for s, f in files.items()), settings=EvaluateSpec(max_new_tokens=8, batch_size=16),
-                          trust_remote_code=False)
+                          trust_remote_code=False, placement=Placement("cpu", "float32", 0.0, 1))
     acc = evaluate_model(Ref(str(out), "k"), None, req, str(tmp_path / "digests"))
     assert set(acc) == {"reverse", "general"} and all(0.0 <= v <= 1.0 for v in acc.values())
     with pytest.raises(ValueError, match="needs example prompts"):

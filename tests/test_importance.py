@@ -63,3 +63,30 @@ def test_magnitude_and_roundtrip(model_and_batches, tmp_path):
 def test_combining_mismatched_partials_fails():
     with pytest.raises(ValueError):
         ImportancePartial({"a": torch.ones(1)}, 1) + ImportancePartial({"b": torch.ones(1)}, 1)
+
+
+@pytest.mark.parametrize("method", ["fisher", "snip", "magnitude"])
+def test_only_the_named_tensors_are_scored_and_their_scores_do_not_change(model_and_batches, method):
+    model, batches = model_and_batches
+    keys = ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"]
+    whole = SCORES.get(method)(model, batches).finalize()
+    seen: list[set[str]] = []
+    handles = [p.register_hook(lambda g, n=n: seen[-1].add(n)) for n, p in model.named_parameters()]
+    seen.append(set())
+    try:
+        some = SCORES.get(method)(model, batches, keys).finalize()
+    finally:
+        for h in handles:
+            h.remove()
+    assert list(some) == keys
+    for k in keys:
+        torch.testing.assert_close(some[k], whole[k], rtol=1e-5, atol=1e-10)
+    if method != "magnitude":
+        assert seen[-1] == set(keys)  # no gradient is taken, or held, for the tensors not scored
+    assert all(p.requires_grad for p in model.parameters())  # as they were before
+
+
+def test_a_tensor_the_model_lacks_is_refused_by_name(model_and_batches):
+    model, batches = model_and_batches
+    with pytest.raises(ValueError, match="model.layers.9.mlp.up_proj.weight"):
+        SCORES.get("fisher")(model, batches[:1], ["model.layers.9.mlp.up_proj.weight"])

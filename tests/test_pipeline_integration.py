@@ -12,6 +12,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from graft.lora import read_lora_deltas
+
 pytestmark = pytest.mark.integration
 
 STAGE_RUNS = {"testbed/data-general-s0", "testbed/data-reverse-s0", "testbed/data-sort-s0", "testbed/base-v1", "train/reverse",
@@ -85,6 +87,11 @@ def test_end_to_end_outputs_and_tracking(first_run):
         assert train.data.params["deepspeed.world_size"] == "2"
         assert len(client.get_metric_history(train.info.run_id, "train_loss")) == 6
         assert "adapter/adapter_model.safetensors" in {a.path for a in client.list_artifacts(train.info.run_id, "adapter")}
+        trained = Path(train.data.tags["graftline.output"])
+        info = json.loads((trained / "train_info.json").read_text())
+        assert info["sharded_load"] and info["loaded_share"] < 0.75  # ZeRO-3 loaded only each rank's shard of the base
+        scored = load_file(str(Path(kids[f"score/{skill}"].data.tags["graftline.output"]) / "scores.safetensors"))
+        assert set(scored) == set(read_lora_deltas(trained))  # what the SkillPack can touch, not the whole model
         assert "skillpack/skillpack.json" in {a.path for a in client.list_artifacts(kids[f"pack/{skill}"].info.run_id, "skillpack")}
         assert kids[f"score/{skill}"].data.metrics["terms"] == 8
         manifest = json.loads((Path(kids[f"pack/{skill}"].data.tags["graftline.output"]) / "skillpack.json").read_text())

@@ -22,6 +22,7 @@ from pathlib import Path
 from pipelines.artifacts import Checkpoint, Concepts, Datasets, Models
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
+from pipelines.placement import Placement, placement
 from pipelines.inputs import named_model, named_model_problems
 from pipelines.spec import JobSpec
 
@@ -44,6 +45,7 @@ class ConceptsRequest:
     vector: str
     shards: int
     trust_remote_code: bool
+    placement: Placement
 
 
 def problems(spec: JobSpec) -> list[str]:
@@ -59,18 +61,15 @@ def problems(spec: JobSpec) -> list[str]:
     return out
 
 
-def shard_states(model: Checkpoint, texts: list[list[str]], trust_remote_code: bool) -> list:
-    """Last-token states of each text list, from one load of `model` (a Ray task)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def shard_states(model: Checkpoint, texts: list[list[str]], trust_remote_code: bool, where: Placement) -> list:
+    """Last-token states of each text list, from one load of `model` placed as `where` says (a Ray task)."""
+    from transformers import AutoTokenizer
 
-    from graft.checkpoint import weight_files
+    from graft.loading import load_causal_lm
     from graft.transplant import last_token_states
 
-    torch.set_num_threads(1)
-    weight_files(model.model.path)
-    net = AutoModelForCausalLM.from_pretrained(model.model.path, dtype=torch.float32, use_safetensors=True,
-                                               trust_remote_code=trust_remote_code).eval()
+    where.enter()
+    net = load_causal_lm(model.model.path, where.load_options(trust_remote_code)).eval()
     tok = AutoTokenizer.from_pretrained(model.tokenizer.path, trust_remote_code=trust_remote_code)
     return [last_token_states(net, tok, t) if t else None for t in texts]
 
@@ -101,7 +100,7 @@ def run(ctx: RunContext) -> StageResult:
     data, models = ctx.board.get(Datasets), ctx.board.get(Models)
     concept = tp.concept or spec.skills[0].name
     req = ConceptsRequest(named_model(tp.source, models), named_model(tp.target, models), data[concept].train,
-                          data[tp.general].train, tp.pairs, tp.prompts, tp.vector, tp.shards, spec.trust_remote_code)
+                          data[tp.general].train, tp.pairs, tp.prompts, tp.vector, tp.shards, spec.trust_remote_code, placement(spec))
     result = StageResult(NAME)
 
     def build(tmp: Path, run) -> dict[str, float]:
@@ -110,10 +109,10 @@ def run(ctx: RunContext) -> StageResult:
         if len(prompts) < 5:
             raise TransplantError(f"{req.prompts.path}: {len(prompts)} shared prompts; the affine map needs at least 5")
         n = min(req.shards, len(pos), len(prompts))
-        remote = ray.remote(num_cpus=1)(shard_states)
-        src = [remote.remote(req.source, [p, q, g], req.trust_remote_code)
+        remote = ray.remote(**req.placement.ray_options())(shard_states)
+        src = [remote.remote(req.source, [p, q, g], req.trust_remote_code, req.placement)
                for p, q, g in zip(_shards(pos, n), _shards(neg, n), _shards(prompts, n))]
-        tgt = [remote.remote(req.target, [g], req.trust_remote_code) for g in _shards(prompts, n)]
+        tgt = [remote.remote(req.target, [g], req.trust_remote_code, req.placement) for g in _shards(prompts, n)]
         src_out, tgt_out = ray.get(src), ray.get(tgt)
         positive = _unshard([o[0] for o in src_out], len(pos))
         negative = _unshard([o[1] for o in src_out], len(neg))

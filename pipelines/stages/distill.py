@@ -17,7 +17,7 @@ Logs (child run `distill/<skill>`): prompts, kept, dropped, empty, rejected and 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from graft.data import read_jsonl, write_jsonl
@@ -25,6 +25,7 @@ from graft.distill import CheckerLimits, DistillError, check_can_generate, filte
 from pipelines.artifacts import Datasets, Models, Split
 from pipelines.cache import Ref, content_key
 from pipelines.context import Item, RunContext, StageResult
+from pipelines.placement import Placement, placement
 from pipelines.spec import DistillSpec, JobSpec
 from pipelines.inputs import named_model, named_model_problems
 
@@ -43,6 +44,7 @@ class DistillRequest:
     prompts: Ref  # the skill's training split
     settings: DistillSpec
     trust_remote_code: bool
+    placement: Placement
 
 
 def problems(spec: JobSpec) -> list[str]:
@@ -53,15 +55,15 @@ def problems(spec: JobSpec) -> list[str]:
 class Answerer:
     """A Ray Data actor: loads the source once, then answers batches of prompts by greedy generation."""
 
-    def __init__(self, source: str, tokenizer: str, max_new_tokens: int, batch_size: int, threads: int,
+    def __init__(self, source: str, tokenizer: str, max_new_tokens: int, batch_size: int, where: Placement,
                  trust_remote_code: bool) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
-        torch.set_num_threads(threads)
+        from graft.loading import load_causal_lm
+
+        where.enter()
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, use_safetensors=True,
-                                                          trust_remote_code=trust_remote_code)
+        self.model = load_causal_lm(source, where.load_options(trust_remote_code))
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def __call__(self, batch: dict) -> dict:
@@ -83,10 +85,10 @@ def answer_prompts(reqs: dict[str, DistillRequest], rows: dict[str, list[dict]],
              for skill, skill_rows in rows.items() for i, row in enumerate(skill_rows)]
     answered = ray.data.from_items(items).map_batches(
         Answerer, batch_size=settings.batch_size, compute=ray.data.ActorPoolStrategy(size=settings.actors),
-        num_cpus=settings.cpus_per_actor,
+        num_cpus=settings.cpus_per_actor, num_gpus=first.placement.num_gpus,
         fn_constructor_kwargs={"source": first.source.path, "tokenizer": first.tokenizer.path,
                                "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size,
-                               "threads": settings.cpus_per_actor, "trust_remote_code": first.trust_remote_code}).take_all()
+                               "where": first.placement, "trust_remote_code": first.trust_remote_code}).take_all()
     out = {skill: [""] * len(skill_rows) for skill, skill_rows in rows.items()}
     for r in answered:
         out[str(r["skill"])][int(r["index"])] = str(r["answer"])
@@ -113,7 +115,8 @@ def run(ctx: RunContext) -> StageResult:
     checkpoint = named_model(ds.source, ctx.board.get(Models))
     source, tokenizer = checkpoint.model, checkpoint.tokenizer
     result = StageResult(NAME)
-    reqs = {s.name: DistillRequest(source, tokenizer, data[s.name].train, ds, spec.trust_remote_code) for s in spec.skills}
+    where = replace(placement(spec), threads=ds.cpus_per_actor)
+    reqs = {s.name: DistillRequest(source, tokenizer, data[s.name].train, ds, spec.trust_remote_code, where) for s in spec.skills}
     keys = {name: content_key(req) for name, req in reqs.items()}
     items = [Item(name, keys[name], {"skill": name, **ds.model_dump(mode="json")}) for name in reqs]
 

@@ -93,7 +93,7 @@ def run(ctx: RunContext) -> StageResult:
     models += [(f"expert-{s.name}", base.model, experts[s.name]) for s in spec.skills]
     models.append(("grafted", ctx.board.get(Grafted).model, None))
     req = EvaluateRequest(models=tuple(models), expert_kind=experts.kind, tokenizer=base.tokenizer, tests=tuple(tests),
-                          settings=ev, trust_remote_code=spec.trust_remote_code)
+                          settings=ev, trust_remote_code=spec.trust_remote_code, placement=placement(spec))
     entries = _entries(spec)
     harness = HarnessRequest(models=tuple(models), expert_kind=experts.kind, tokenizer=base.tokenizer,
                              entries=tuple((e, entry_identity(e)) for e in entries), settings=ev, placement=placement(spec),
@@ -102,7 +102,7 @@ def run(ctx: RunContext) -> StageResult:
 
     def build(tmp: Path, run) -> dict[str, float]:
         cache = str(digest_cache(ctx.spec).folder)
-        remote = ray.remote(num_cpus=1)(evaluate_model)
+        remote = ray.remote(**req.placement.ray_options())(evaluate_model)
         refs = {name: remote.remote(model, expert, req, cache) for name, model, expert in req.models}
         lm_refs = {}
         if harness is not None:

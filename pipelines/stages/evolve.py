@@ -22,6 +22,7 @@ from typing import Any
 
 from pipelines.artifacts import Base, Checkpoint, Datasets, Experts, Merged
 from pipelines.cache import Ref, content_key
+from pipelines.placement import Placement, placement
 from pipelines.context import RunContext, StageResult
 from pipelines.spec import EvaluateSpec, EvolveSpec
 from pipelines.merging import measured_skills, merge_config, write_merge
@@ -50,6 +51,7 @@ class EvolveRequest:
     evaluate: EvaluateSpec
     dtype: str
     seed: int
+    placement: Placement  # where a trial scores its merge
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ def dev_scores(folder: Path, req: EvolveRequest) -> dict[str, float]:
     from graft.evaluation import exact_match
     from graft.lora import load_with_adapter
 
-    model = load_with_adapter(str(folder), None, False)
+    model = load_with_adapter(str(folder), None, options=req.placement.load_options(False))
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
     ev = req.evaluate
     return {skill: exact_match(model, tok, read_jsonl(rows.path)[:req.dev_examples], ev.max_new_tokens, ev.batch_size)
@@ -88,11 +90,10 @@ def dev_scores(folder: Path, req: EvolveRequest) -> dict[str, float]:
 
 def evolve_trial(config: dict[str, Any], setup: TrialSetup) -> None:
     """One Tune trial: merge at its point, score on the dev rows, report the mean (in its own MLflow child run)."""
-    import torch
     from ray import tune
 
-    torch.set_num_threads(1)
     req = setup.request
+    req.placement.enter()
     params = {k: float(v) for k, v in config.items()}
     tracker = Tracker(setup.tracking_uri, setup.experiment, job=setup.job)
     trial = tune.get_context().get_trial_name()
@@ -117,7 +118,8 @@ def search(setup: TrialSetup, out: Path) -> list[dict[str, Any]]:
     ev = setup.request.evolve
     space = {f"{who}_{what}": tune.uniform(*getattr(ev, what)) for who in ("language", "domain") for what in ("weight", "density")}
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(evolve_trial, setup=setup), {"cpu": 1}),
+        tune.with_resources(tune.with_parameters(evolve_trial, setup=setup),
+                            {"cpu": setup.request.placement.threads, "gpu": setup.request.placement.num_gpus}),
         param_space=space,
         tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=ev.trials, max_concurrent_trials=ev.max_concurrent,
                                     search_alg=OptunaSearch(sampler=SAMPLERS.get(ev.search)(setup.request.seed))),
@@ -168,7 +170,7 @@ def run(ctx: RunContext) -> StageResult:
         return result
     req = EvolveRequest(base.model, base.tokenizer, experts[ms.language], experts[ms.domain],
                         tuple((s, data[s].train) for s in measured_skills(spec)), ms.evolve, ms.dev_examples, spec.evaluate,
-                        ms.dtype, spec.seed)
+                        ms.dtype, spec.seed, placement(spec))
 
     def build(tmp: Path, run: RunHandle) -> dict[str, float]:
         setup = TrialSetup(req, ctx.tracker.uri, spec.tracking.experiment, spec.name, run.run_id, str(tmp))

@@ -29,6 +29,7 @@ from pipelines.context import Item, RunContext, StageResult
 from pipelines.report import accuracy_chart, accuracy_table
 from pipelines.spec import GraftSpec, JobSpec
 from pipelines.evaluation import EvaluateRequest, evaluate_model
+from pipelines.placement import placement
 from pipelines.merging import measured_skills
 from pipelines.inputs import digest_cache
 
@@ -119,10 +120,10 @@ def run(ctx: RunContext) -> StageResult:
     cols = columns(spec)
     req = EvaluateRequest(models=tuple(models), expert_kind=experts.kind, tokenizer=base.tokenizer,
                           tests=tuple((s, data[s].test) for s in measured_skills(spec)), settings=spec.evaluate,
-                          trust_remote_code=spec.trust_remote_code)
+                          trust_remote_code=spec.trust_remote_code, placement=placement(spec))
 
     def build(tmp: Path, run) -> dict[str, float]:
-        remote = ray.remote(num_cpus=1)(evaluate_model)
+        remote = ray.remote(**req.placement.ray_options())(evaluate_model)
         refs = {name: remote.remote(model, expert, req, str(cache.folder), name in grafts) for name, model, expert in req.models}
         table = {m: ray.get(ref) for m, ref in refs.items()}
         rows = [{"method": m, **{col: table[m][skill] for col, skill in cols.items()}} for m in table]

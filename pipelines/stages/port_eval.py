@@ -21,6 +21,7 @@ from pathlib import Path
 from pipelines.artifacts import Base, Datasets, Experts, Ported, Report
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
+from pipelines.placement import Placement, placement
 from pipelines.report import accuracy_chart, accuracy_table
 from pipelines.spec import EvaluateSpec
 
@@ -51,11 +52,11 @@ class PortEvalRequest:
     tests: tuple[tuple[str, Ref], ...]
     settings: EvaluateSpec
     trust_remote_code: bool
+    placement: Placement
 
 
 def score_candidate(c: Candidate, req: PortEvalRequest) -> dict[str, float]:
     """Accuracy of one candidate on its skills and on `general` when the job has it (a Ray task)."""
-    import torch
     from transformers import AutoTokenizer
 
     from graft.data import read_jsonl
@@ -64,14 +65,15 @@ def score_candidate(c: Candidate, req: PortEvalRequest) -> dict[str, float]:
     from graft.lora import load_with_adapter
     from graft.port import ported_model
 
-    torch.set_num_threads(1)
+    req.placement.enter()
+    load = req.placement.load_options(req.trust_remote_code)
     ev = req.settings
     if c.expert is not None:
-        model = Expert(Path(c.expert.path), req.kind).load(c.base.path, req.trust_remote_code)
+        model = Expert(Path(c.expert.path), req.kind).load(c.base.path, options=load)
     elif c.patch is not None:
-        model = ported_model(c.base.path, Expert(Path(c.patch.path), req.kind).deltas(c.patch_base.path), req.trust_remote_code)
+        model = ported_model(c.base.path, Expert(Path(c.patch.path), req.kind).deltas(c.patch_base.path), options=load)
     else:
-        model = load_with_adapter(c.base.path, None, req.trust_remote_code)
+        model = load_with_adapter(c.base.path, None, options=load)
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
     tests = dict(req.tests)
     wanted = [*c.skills, *(["general"] if "general" in tests else [])]
@@ -139,11 +141,11 @@ def run(ctx: RunContext) -> StageResult:
     if "general" in data and spec.base == "testbed":
         tests.append(("general", data["general"].test))
     req = PortEvalRequest(tuple(candidates(spec, base, experts, ported)), experts.kind, base.tokenizer, tuple(tests), ev,
-                          spec.trust_remote_code)
+                          spec.trust_remote_code, placement(spec))
     result = StageResult(NAME)
 
     def build(tmp: Path, run) -> dict[str, float]:
-        remote = ray.remote(num_cpus=1)(score_candidate)
+        remote = ray.remote(**req.placement.ray_options())(score_candidate)
         refs = [(c, remote.remote(c, req)) for c in req.candidates]
         table = table_of([(c, ray.get(ref)) for c, ref in refs])
         (tmp / "eval.json").write_text(json.dumps(table, indent=1))

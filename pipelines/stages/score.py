@@ -2,9 +2,11 @@
 
 Reads `Base`, `Datasets`, `Experts`; writes `Scores`. One Ray task per (skill, data shard) computes
 partial sums of the chosen score (default: the Fisher diagonal) on the skill's expert (the base with its
-adapter merged in, or its fine-tuned checkpoint); the driver adds the partials
-(exact: sums and counts) and writes `<root>/score/<skill>-<key>/scores.safetensors` and
-`summary.json` (per-tensor share of the importance mass).
+adapter merged in, or its fine-tuned checkpoint), over the tensors the expert changed (what its SkillPack
+can touch: an adapter's target modules), placed as `compute` says (`pipelines.placement`). The driver adds
+each shard's partial as it arrives (exact: sums and counts), so it holds one running sum, not every
+shard's, and writes `<root>/score/<skill>-<key>/scores.safetensors` and `summary.json` (per tensor: mean,
+max and share of the importance mass).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from graft.importance import ImportancePartial, module_summary, save_scores
 from pipelines.artifacts import Base, Datasets, Experts, Scores
 from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
+from pipelines.placement import Placement, placement
 
 NAME = "score"
 READS = (Base, Datasets, Experts)
@@ -42,10 +45,11 @@ class ScoreRequest:
     batch_size: int
     max_length: int
     trust_remote_code: bool
+    placement: Placement
 
 
-def score_shard(req: ScoreRequest, shard: int, threads: int) -> tuple[dict, int]:
-    """Partial importance sums of one data shard (runs as a Ray task)."""
+def score_shard(req: ScoreRequest, shard: int) -> tuple[dict, int]:
+    """Partial importance sums of one data shard over the tensors the expert changed (runs as a Ray task)."""
     from transformers import AutoTokenizer
 
     from graft.data import collated_batches, encode_examples, read_jsonl
@@ -53,23 +57,26 @@ def score_shard(req: ScoreRequest, shard: int, threads: int) -> tuple[dict, int]
     from graft.experts import Expert
     from graft.lora import load_with_adapter
 
-    torch.set_num_threads(threads)
+    where = req.placement
+    where.enter()
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
+    load = where.load_options(req.trust_remote_code)
     if req.expert is None:
-        model = load_with_adapter(req.base.path, None, req.trust_remote_code)
+        model, keys = load_with_adapter(req.base.path, None, options=load), None
     else:
-        model = Expert(Path(req.expert.path), req.expert_kind).load(req.base.path, req.trust_remote_code)
+        expert = Expert(Path(req.expert.path), req.expert_kind)
+        model, keys = expert.load(req.base.path, options=load), expert.touches(req.base.path)
     rows = read_jsonl(req.data.path)[:req.examples][shard::req.shards]
-    batches = collated_batches(encode_examples(tok, rows, req.max_length), tok.pad_token_id, req.batch_size)
-    part = SCORES.get(req.method)(model, batches)
-    return {k: v.numpy() for k, v in part.sums.items()}, part.count
+    batches = (where.batch(b) for b in collated_batches(encode_examples(tok, rows, req.max_length), tok.pad_token_id, req.batch_size))
+    part = SCORES.get(req.method)(model, batches, keys)
+    return {k: v.cpu().numpy() for k, v in part.sums.items()}, part.count
 
 
-def score_shard_on_node(req: ScoreRequest, shard: int, threads: int) -> tuple[dict, int, str]:
+def score_shard_on_node(req: ScoreRequest, shard: int) -> tuple[dict, int, str]:
     """`score_shard` plus the id of the Ray node it ran on, so the run records where the fan-out went."""
     import ray
 
-    sums, count = score_shard(req, shard, threads)
+    sums, count = score_shard(req, shard)
     return sums, count, ray.get_runtime_context().get_node_id()
 
 
@@ -79,18 +86,19 @@ def run(ctx: RunContext) -> StageResult:
     spec, sc = ctx.spec, ctx.spec.score
     base, data, experts = ctx.board.get(Base), ctx.board.get(Datasets), ctx.board.get(Experts)
     result = StageResult(NAME)
-    remote = ray.remote(num_cpus=1)(score_shard_on_node)
+    where = placement(spec)
+    remote = ray.remote(**where.ray_options())(score_shard_on_node)
     pending: dict[str, list] = {}
     requests = {s.name: ScoreRequest(
         base=base.model, expert=experts[s.name], expert_kind=experts.kind, tokenizer=base.tokenizer, data=data[s.name].train,
         method=sc.method,
         shards=sc.shards, examples=sc.examples, batch_size=sc.batch_size, max_length=spec.train.max_length,
-        trust_remote_code=spec.trust_remote_code) for s in spec.skills}
+        trust_remote_code=spec.trust_remote_code, placement=where) for s in spec.skills}
     keys = {name: content_key(req) for name, req in requests.items()}
 
     def submit(skill: str) -> list:
         if skill not in pending:
-            pending[skill] = [remote.remote(requests[skill], i, 1) for i in range(sc.shards)]
+            pending[skill] = [remote.remote(requests[skill], i) for i in range(sc.shards)]
         return pending[skill]
 
     for s in spec.skills:  # fan out every skill's shards before waiting on any
@@ -100,7 +108,12 @@ def run(ctx: RunContext) -> StageResult:
         def build(tmp: Path, run, skill=s.name) -> dict[str, float]:
             total: ImportancePartial | None = None
             nodes = set()
-            for sums, count, node in ray.get(submit(skill)):
+            waiting = submit(skill)
+            del pending[skill]  # each partial is freed once added: the driver holds one running sum
+            while waiting:
+                done, waiting = ray.wait(waiting, num_returns=1)
+                sums, count, node = ray.get(done[0])
+                del done
                 nodes.add(node)
                 part = ImportancePartial({k: torch.from_numpy(np.array(v)) for k, v in sums.items()}, count)
                 total = part if total is None else total + part

@@ -147,7 +147,7 @@ def model_requests(spec: JobSpec, recipes: list[Recipe], data: dict, init_root: 
                                            overrides=tr.deepspeed)
         reqs[r.name] = TrainRequest(
             model=start, tokenizer=start, data=_data_ref(data, r.data), mode="full", steps=r.steps, batch_size=tb.batch_size,
-            seed=spec.seed, deepspeed=deepspeed, num_workers=tb.num_workers, accelerator=tr.accelerator,
+            seed=spec.seed, deepspeed=deepspeed, num_workers=tb.num_workers, accelerator=spec.compute.accelerator,
             threads_per_worker=tr.cpus_per_worker, replay=r.replay and _data_ref(data, r.replay), replay_fraction=r.replay_fraction,
             trust_remote_code=spec.trust_remote_code)
     return reqs

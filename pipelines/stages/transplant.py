@@ -25,6 +25,7 @@ from pathlib import Path
 from pipelines.artifacts import Checkpoint, Concepts, Datasets, Report, Transplanted
 from pipelines.cache import Ref, content_key
 from pipelines.context import Item, RunContext, StageResult
+from pipelines.placement import Placement, placement
 from pipelines.report import format_table
 from pipelines.inputs import TESTBED
 from pipelines.spec import EvaluateSpec, JobSpec, TransplantSpec
@@ -47,6 +48,7 @@ class SweepRequest:
     settings: TransplantSpec
     evaluate: EvaluateSpec
     trust_remote_code: bool
+    placement: Placement
 
 
 def model_depth(name: str, spec: JobSpec) -> int | None:
@@ -81,16 +83,15 @@ def point_name(layer: int, alpha: float) -> str:
 
 def score_layer(req: SweepRequest, layer: int, vector, control) -> dict[float, dict[str, float]]:
     """Behaviour rate and `general` at every α for one target layer, and the random control's behaviour (a Ray task)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from graft.data import read_jsonl
+    from graft.loading import load_causal_lm
     from graft.transplant import steering_rates
 
-    torch.set_num_threads(1)
+    req.placement.enter()
     tp, ev = req.settings, req.evaluate
-    model = AutoModelForCausalLM.from_pretrained(req.target.model.path, dtype=torch.float32, use_safetensors=True,
-                                                 trust_remote_code=req.trust_remote_code).eval()
+    model = load_causal_lm(req.target.model.path, req.placement.load_options(req.trust_remote_code)).eval()
     tok = AutoTokenizer.from_pretrained(req.target.tokenizer.path, trust_remote_code=req.trust_remote_code)
     prompts = [r["prompt"] for r in read_jsonl(req.prompts.path, fields=("prompt",))[:tp.examples]]
     general = read_jsonl(req.general.path)[:tp.examples]
@@ -151,7 +152,7 @@ def run(ctx: RunContext) -> StageResult:
     data, concepts = ctx.board.get(Datasets), ctx.board.get(Concepts)
     concept = tp.concept or spec.skills[0].name
     req = SweepRequest(concepts.folder, concepts.target, data[concept].test, data[tp.general].test, tp, spec.evaluate,
-                       spec.trust_remote_code)
+                       spec.trust_remote_code, placement(spec))
     stored = load_file(str(Path(concepts.folder.path) / "concepts.safetensors"))
     vectors, hs, ht = stored["source_vectors"], stored["source_states"], stored["target_states"]
     n_source, n_target = vectors.shape[0], ht.shape[0]
@@ -175,7 +176,7 @@ def run(ctx: RunContext) -> StageResult:
                    "affine_r2_heldout": round(maps[layer][1].r2_heldout, 4)}) for layer in layers for a in tp.alphas]
 
     def build(todo) -> dict[str, dict[str, float]]:
-        remote = ray.remote(num_cpus=1)(score_layer)
+        remote = ray.remote(**req.placement.ray_options())(score_layer)
         wanted = sorted({layer for layer in layers for a in tp.alphas if point_name(layer, a) in todo})
         refs = {layer: remote.remote(req, layer, directions[layer], random_direction(directions[layer], tp.seed + layer))
                 for layer in wanted}

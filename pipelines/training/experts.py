@@ -62,6 +62,7 @@ def expert_requests(spec: JobSpec, base: Base, data: Datasets) -> dict[str, Trai
     return {s.name: TrainRequest(
         model=base.model, tokenizer=base.tokenizer, data=data[s.name].train, mode=tr.method, steps=tr.steps,
         batch_size=tr.batch_size,
-        seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=tr.accelerator, threads_per_worker=tr.cpus_per_worker,
+        seed=tr.seed, deepspeed=deepspeed, num_workers=tr.num_workers, accelerator=spec.compute.accelerator,
+        threads_per_worker=tr.cpus_per_worker,
         max_length=tr.max_length, replay=replay, replay_fraction=tr.replay_fraction, adapter=METHODS[tr.method].settings(tr),
         trust_remote_code=spec.trust_remote_code) for s in spec.skills}

@@ -106,6 +106,18 @@ class _Pool:
         self.order = list(state["order"])
 
 
+def _numel(p) -> int:
+    """A parameter's full size, also when ZeRO-3 holds only this rank's shard of it (`ds_numel`)."""
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
+def _local_share(params) -> float:
+    """The share of the model's weights this rank holds in memory (1.0 unless ZeRO-3 loaded it sharded)."""
+    params = list(params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    return local / max(1, sum(_numel(p) for p in params))
+
+
 def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every: int, resume: Resume | None,
               progress: str | None = None) -> float:
     """Train one model or adapter with DeepSpeed and write it to `job.out_dir`; returns the final loss.
@@ -117,6 +129,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     import torch
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
     from graft.data import collate, encode_examples, read_jsonl
     from pipelines.training import checkpoints
@@ -129,16 +142,21 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
         raise ValueError(f"request made for training loop version {req.loop_version}, this loop is version {LOOP_VERSION}")
     torch.manual_seed(req.seed)
     tok = AutoTokenizer.from_pretrained(req.tokenizer.path, trust_remote_code=req.trust_remote_code)
+    mode = MODES[req.mode]
+    stage = zero_stage_of(req.deepspeed)
+    # Under ZeRO-3, HF's DeepSpeed integration loads the checkpoint inside `deepspeed.zero.Init` while this object is
+    # alive, so each rank materialises only its shard of the weights, never the whole model.
+    sharded_load = HfDeepSpeedConfig(req.deepspeed) if stage == 3 and not mode.needs_full_weights else None
     model = AutoModelForCausalLM.from_pretrained(req.model.path, dtype=torch.float32, use_safetensors=True,
                                                  trust_remote_code=req.trust_remote_code)
-    mode = MODES[req.mode]
+    loaded_share = _local_share(model.parameters())
     if mode.wrap is not None:
         model = mode.wrap(model, req, tok)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(_numel(p) for p in trainable)
 
-    stage = zero_stage_of(req.deepspeed)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=req.deepspeed)
+    sharded, sharded_load = sharded_load is not None, None  # HF's ZeRO-3 switch off again: saving gathers on its own
     if engine.zero_optimization_stage() != stage:
         raise RuntimeError(f"DeepSpeed runs ZeRO-{engine.zero_optimization_stage()}, the effective config says ZeRO-{stage}")
 
@@ -226,6 +244,8 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
         "train_seconds": seconds + attempt,
         "steps_per_second": (req.steps - start) / attempt if attempt > 0 else 0.0,  # this attempt's rate
         "trainable_parameters": n_trainable,
+        "sharded_load": sharded,
+        "loaded_share": loaded_share,  # of the checkpoint's weights, on rank 0 after loading: ~1/world when sharded
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this rank's process, model and optimizer included
         "resumed_from_step": resume.step if resume is not None else None,
         "restarts": restarts,

@@ -2,7 +2,8 @@
 
 `full` trains every weight; `lora` wraps the model in a PEFT LoRA; `sparse` computes each target
 module's mask on this rank (`graft.sparse`: every rank scores the same rows, so every rank gets the same
-masks) and wraps the model in PEFT SHiRA. An adapter mode's checkpoints leave out the frozen base, and
+masks) and wraps the model in PEFT SHiRA, so it needs every weight whole on each rank (no sharded load under ZeRO-3).
+An adapter mode's checkpoints leave out the frozen base, and
 only its trainable tensors are gathered to save it.
 """
 
@@ -17,6 +18,8 @@ from typing import Any
 class Mode:
     wrap: Callable[[Any, Any, Any], Any] | None  # (model, TrainRequest, tokenizer) -> the model to train
     adapter: bool
+    # `wrap` reads whole weight matrices (sparse masks are scored on them), so the model cannot be loaded sharded (ZeRO-3)
+    needs_full_weights: bool = False
 
 
 def _lora(model, req, tok):
@@ -40,4 +43,5 @@ def _sparse(model, req, tok):
     return shira_model(model, masks, r)
 
 
-MODES: dict[str, Mode] = {"full": Mode(None, adapter=False), "lora": Mode(_lora, adapter=True), "sparse": Mode(_sparse, adapter=True)}
+MODES: dict[str, Mode] = {"full": Mode(None, adapter=False), "lora": Mode(_lora, adapter=True),
+                          "sparse": Mode(_sparse, adapter=True, needs_full_weights=True)}
