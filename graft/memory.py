@@ -7,14 +7,13 @@ loaded. These estimates say before anything runs what each worker will hold, so 
 - `ModelShape`: a model's parameter count, its largest single module (what ZeRO-3 gathers at once), its
   decoder dimensions and every matrix by module name (what LoRA or a sparse adapter can target).
 - `zero_states`: parameters, gradients and optimizer states per worker under a ZeRO stage, for any split of
-  trainable and frozen parameters (LoRA: a few trainable, the rest frozen). `deepspeed_states`: DeepSpeed's own
-  estimators, which assume every parameter trains in 16-bit mixed precision.
+  trainable and frozen parameters (LoRA: a few trainable, the rest frozen). DeepSpeed's own estimators, for a full
+  16-bit fine-tune, are called by `pipelines.plan` (this library never imports DeepSpeed).
 - `training_activations`, `forward_activations`, `kv_cache`: what the data adds on top.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -122,26 +121,6 @@ def zero_states(*, trainable: int, frozen: int, weight_bytes: int, mixed: bool, 
         host += share.pop("weights")
     gathered = 2 * weight_bytes * largest_layer if stage >= 3 else 0
     return States(device=int(sum(share.values()) + gathered), host=int(host))
-
-
-def deepspeed_states(*, params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int, offload_optimizer: bool,
-                     offload_params: bool, zero_init: bool) -> States:
-    """DeepSpeed's own estimate for a full fine-tune in 16-bit mixed precision at ZeRO-2 or ZeRO-3:
-    `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`, with their default 1.5× host
-    buffer. `device` is per GPU; `host` is DeepSpeed's figure for one node, divided here over its GPUs (per worker).
-    """
-    if stage == 2:
-        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
-
-        cpu, gpu = estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=offload_optimizer)
-    elif stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, gpus_per_node, nodes, cpu_offload=offload_optimizer,
-                                                            cpu_offload_params=offload_params, zero_init=zero_init)
-    else:
-        raise ValueError(f"DeepSpeed estimates ZeRO-2 and ZeRO-3 only, not ZeRO-{stage}")
-    return States(device=int(gpu), host=int(math.ceil(cpu / gpus_per_node)))
 
 
 def layer_activations(shape: ModelShape, batch: int, seq: int, act_bytes: int) -> int:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from graft.memory import (ModelShape, deepspeed_states, forward_activations, kv_cache, shape_from_config,
+from graft.memory import (ModelShape, States, forward_activations, kv_cache, shape_from_config,
                           training_activations, zero_states)
 from pipelines.placement import Placement, placement
 from pipelines.recipes import Recipe, recipe_of
@@ -72,6 +72,26 @@ class Node:
     def describe(self) -> str:
         gpus = f"{self.gpus} × {self.gpu_gb:g} GB GPU" if self.gpus else "no GPU"
         return f"{gpus}, {self.ram_gb:.0f} GB RAM, {self.cpus} CPUs"
+
+
+def deepspeed_states(*, params: int, largest_layer: int, stage: int, gpus_per_node: int, nodes: int, offload_optimizer: bool,
+                     offload_params: bool, zero_init: bool) -> States:
+    """DeepSpeed's own estimate for a full fine-tune in 16-bit mixed precision at ZeRO-2 or ZeRO-3:
+    `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs`, with their default 1.5× host
+    buffer. `device` is per GPU; `host` is DeepSpeed's figure for one node, divided here over its GPUs (per worker).
+    """
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        cpu, gpu = estimate_zero2_model_states_mem_needs(params, gpus_per_node, nodes, cpu_offload=offload_optimizer)
+    elif stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(params, largest_layer, gpus_per_node, nodes, cpu_offload=offload_optimizer,
+                                                            cpu_offload_params=offload_params, zero_init=zero_init)
+    else:
+        raise ValueError(f"DeepSpeed estimates ZeRO-2 and ZeRO-3 only, not ZeRO-{stage}")
+    return States(device=int(gpu), host=int(math.ceil(cpu / gpus_per_node)))
 
 
 def local_node() -> Node:

@@ -19,6 +19,7 @@ from pipelines.artifacts import Experts, Base, Board, Datasets, Scores, Split
 from pipelines.cache import Ref
 from pipelines.context import RunContext
 from pipelines.spec import parse_job
+from pipelines.runtime import ray_session
 from pipelines.stages import graft as graft_stage
 from pipelines.stages import pack as pack_stage
 from pipelines.tracking import Tracker
@@ -72,7 +73,8 @@ def _context(tmp_path, base, adapter, graft: dict, pack: dict) -> RunContext:
 def test_a_job_signs_its_packs_and_grafts_only_signed_ones(base_model, adapter, keys, tmp_path):
     ctx = _context(tmp_path, base_model, adapter, graft={"require_signature": str(keys / "me.pub"), "method": "protected"},
                    pack={"sign_key": str(keys / "me.key")})
-    packed = pack_stage.run(ctx)
+    with ray_session(None, num_cpus=1):  # the pack stage packs each skill as a Ray task
+        packed = pack_stage.run(ctx)
     ctx.board.put(*packed.artifacts)
     verify_folder(packed.outputs["reverse"], keys / "me.pub")
     grafted = graft_stage.run(ctx)  # protected fusion: the score stage's maps reach it through the Scores artifact
@@ -80,7 +82,7 @@ def test_a_job_signs_its_packs_and_grafts_only_signed_ones(base_model, adapter, 
 
     strict = _context(tmp_path, base_model, adapter, graft={"require_signature": str(keys / "other.pub")},
                       pack={"sign_key": str(keys / "me.key")})
-    strict.board.put(*pack_stage.run(strict).artifacts)  # the same pack: reused
+    strict.board.put(*pack_stage.run(strict).artifacts)  # the same pack: reused, no Ray task needed
     with pytest.raises(SignatureError, match="does not verify with .*other.pub"):
         graft_stage.run(strict)
     runs = strict.tracker.client.search_runs([strict.tracker.experiment_id], "tags.`graftline.stage` = 'graft'")
