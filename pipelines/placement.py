@@ -52,10 +52,8 @@ class Placement:
 
     def place(self, model):
         """`model` moved to this placement's device and dtype (in place for an nn.Module; returned for chaining)."""
-        import torch
-
         self.enter()
-        return model.to(device=self.device, dtype=getattr(torch, self.dtype))
+        return model.to(device=self.device, dtype=DTYPES[self.dtype])
 
 
 def placement(spec: JobSpec) -> Placement:

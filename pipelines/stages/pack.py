@@ -67,8 +67,6 @@ class PackRequest:
 def pack_one(req: PackRequest, out: str, job: str) -> dict[str, float]:
     """Pack one skill's expert into the folder `out` (a Ray task, placed as `req.placement` says: on a GPU the
     calibration passes, GPTQ and grid tuning run there) and return the run's metrics."""
-    from graft.skillpack import PackSettings
-
     where, pk = req.placement, req.settings
     where.enter()
     tmp = Path(out)
@@ -86,8 +84,7 @@ def pack_one(req: PackRequest, out: str, job: str) -> dict[str, float]:
         rows = _calibration_rows(req.data.path, req.replay, req.replay_fraction, pk.calibration_examples)
         tok = AutoTokenizer.from_pretrained(req.tokenizer.path)
         batches = [where.batch(b) for b in labelled_batches(tok, rows, req.max_length, CALIBRATION_BATCH)]
-    settings: PackSettings = pk.settings()
-    pack = pack_expert(req.skill, req.base.path, expert, kept, settings, calibration_batches=batches,
+    pack = pack_expert(req.skill, req.base.path, expert, kept, pk.settings(), calibration_batches=batches,
                        importance={k: scores[k] for k in kept if k in scores}, source=source, tune_steps=pk.tune_steps,
                        tune_lr=pk.tune_lr, load=where.load_options(req.trust_remote_code))
     tuned = {f"grid_{k}": v for k, v in pack.manifest.get("grid_tuning", {}).items() if k in ("kl_before", "kl_after")}
