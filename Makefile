@@ -3,8 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; on a GPU machine install your CUDA build of torch into $(VENV) first.
 TORCH ?= torch==2.13.0
+# the browser the UI tests drive (Debian's package: Playwright downloads no browser of its own)
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test test-all lint clean
+.PHONY: demo test test-all test-ui ui-deps lint clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,8 +25,16 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
-test-all: $(VENV)/.installed
-	$(VENV)/bin/pytest -q -m "slow or not slow"
+test-all: $(VENV)/.installed ui-deps
+	CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -q -m "slow or not slow"
+
+# the MLflow UI checked in headless Chromium (a tiny job, then the runs table, a loss chart and the eval table)
+test-ui: $(VENV)/.installed ui-deps
+	CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest -q -m browser
+
+ui-deps: $(VENV)/.installed
+	test -x $(CHROMIUM) || ($(SUDO) apt-get update && $(SUDO) apt-get install -y chromium)
+	$(PY) -c "import playwright.sync_api" 2>/dev/null || $(PY) -m pip install -q -e ".[ui]"
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check graft pipelines tests benchmarks

@@ -112,7 +112,8 @@ def zero3_override(root: Path) -> list[dict]:
     over = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
     first = graft_run(root, tiny_job(root, zero_stage=2, deepspeed=over), "zero3")
     runs = runs_of(root)
-    train = [r for r in runs if r.info.run_name == "train/reverse"][-1] if runs else None
+    train = ([r for r in runs if (r.data.tags.get("graftline.stage"), r.data.tags.get("graftline.item")) == ("train", "reverse")]
+             or [None])[-1]
     shapes = []
     if first.returncode == 0 and train is not None:
         with safe_open(str(Path(train.data.tags["graftline.output"]) / "adapter_model.safetensors"), framework="pt") as f:
@@ -127,7 +128,7 @@ def zero3_override(root: Path) -> list[dict]:
                 (first.stderr.strip().splitlines() or [""])[-1], verdict, f"adapter tensor shapes {shapes[:2]}..., logged stage {stage}")]
     second = graft_run(root, tiny_job(root), "zero2")
     runs = runs_of(root)
-    bases = [r for r in runs if r.info.run_name == "testbed/base-v1"]
+    bases = [r for r in runs if (r.data.tags.get("graftline.stage"), r.data.tags.get("graftline.item")) == ("testbed", "base-v1")]
     rebuilt = len(bases) >= 2 and bases[-1].data.tags.get("graftline.cached") == "false" \
         and bases[-1].data.tags.get("graftline.key") != bases[-2].data.tags.get("graftline.key")
     rows.append(row("the same job without the override does not reuse the ZeRO-3 base", "graft run zero2.yaml", second.returncode,

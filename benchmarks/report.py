@@ -361,6 +361,34 @@ def plan(data: Mapping) -> Lines:
          for r in data.get("rows", [])))
 
 
+UX_ROWS = (
+    ("progress_lines_during_train", "progress lines printed while training", 0),
+    ("max_silence_s", "longest silence on the console (s)", 1),
+    ("summary_width", "widest line of the final summary (characters)", 0),
+    ("mlflow_children_in_order", "child runs in pipeline order at the `graft ui` link", 0),
+    ("loss_chart_in_ui", "every train run's train_loss chart drawn", 0),
+    ("eval_table_in_ui", "eval_table.json shown as a grid, models × skills", 0),
+    ("submit_default_python_ok", "`graft submit` with no --python succeeded on a local head", 0),
+)
+
+
+@formatter("ux", "what a user sees: the demo's console, the MLflow UI in a browser, `graft submit` with no --python")
+def ux(data: Mapping) -> Lines:
+    notes = data.get("notes") if isinstance(data.get("notes"), Mapping) else {}
+    lines = table(["what", "value"], ([what, num(data.get(key), digits)] for key, what, digits in UX_ROWS if key in data))
+    if data.get("submit_default_python_ok") is None and notes.get("submit_default_python_ok"):
+        lines += [f"`graft submit`: {notes['submit_default_python_ok']}.", ""]
+    by_stage = data.get("max_silence_by_stage_s")
+    if isinstance(by_stage, Mapping) and by_stage:
+        lines += ["Longest silence on the console within each stage (s):", ""]
+        lines += table(list(by_stage), [[num(v, 1) for v in by_stage.values()]])
+    shots = [s for s in data.get("screenshots", []) if isinstance(s, Mapping)]
+    if shots:  # taken outside the repository: named, not linked
+        lines += ["Screenshots taken (not committed):", ""] + [f"- `{Path(str(s.get('path', ''))).name}`: {s.get('shows', '')}"
+                                                              for s in shots] + [""]
+    return lines
+
+
 def generic(data: Mapping) -> Lines:
     """Any result without a formatter: its leaf values (nested dicts flattened to dotted keys; lists left out)."""
 

@@ -158,17 +158,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    """Start the MLflow UI on a job's tracking store and say which experiment to open, its runs in pipeline order."""
     import subprocess
 
-    uri = args.uri
-    if uri is None:
-        from pipelines.driver import resolve_tracking_uri
+    from mlflow import MlflowClient
 
-        spec = load_spec_or_report(args.job)
-        if spec is None:
-            return EXIT_SPEC
-        uri = resolve_tracking_uri(spec, os.environ.get("MLFLOW_TRACKING_URI"))
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{args.port}")
+    from pipelines.driver import resolve_tracking_uri
+    from pipelines.tracking import ui_link
+
+    spec = load_spec_or_report(args.job)
+    if spec is None:
+        return EXIT_SPEC
+    uri = args.uri or resolve_tracking_uri(spec, os.environ.get("MLFLOW_TRACKING_URI"))
+    name, base = spec.tracking.experiment, f"http://127.0.0.1:{args.port}"
+    try:
+        experiment = MlflowClient(uri).get_experiment_by_name(name)
+    except Exception as e:  # noqa: BLE001 - an unreachable or unreadable store is one line
+        return _fail(f"MLflow at {uri}: {one_line(e)}", 1)
+    if experiment is None:
+        print(f"MLflow UI for {uri} on {base}: no experiment {name!r} yet (`graft run {args.job}` makes it)")
+    else:
+        print(f"MLflow UI for {uri}: open experiment {name!r}, its runs in pipeline order, at\n  {ui_link(base, experiment.experiment_id)}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     return subprocess.call(cmd)
 

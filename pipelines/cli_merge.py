@@ -54,9 +54,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
                                                                   *(p for p in (cfg.base_model, cfg.tokenizer_source) if p)])
     except ValueError as e:  # MergeConfigError, CheckpointError, OutputError, tensor name/shape mismatch
         return _fail(str(e), EXIT_INPUT)
+    from tqdm.auto import tqdm
+
     start = time.perf_counter()
+    bar = tqdm(total=len(plan.tensors), desc=f"{cfg.merge_method} merge", unit="tensor", disable=None, leave=False)
+
+    def progress(done: int, total: int, name: str) -> None:
+        bar.update(done - bar.n)
+
     try:
-        out = execute_plan(plan, args.out, seed=args.random_seed, max_shard_bytes=args.shard_mb * 1024**2, overwrite=args.overwrite)
+        with bar:
+            out = execute_plan(plan, args.out, seed=args.random_seed, max_shard_bytes=args.shard_mb * 1024**2,
+                               overwrite=args.overwrite, progress=progress)
     except ValueError as e:
         return _fail(str(e), EXIT_FAILED)
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,13 @@ class RunContext:
     force: frozenset[str]
     board: Board = field(default_factory=Board)
     log: Callable[[str], None] = print
+    order: Mapping[str, int] = field(default_factory=dict)  # stage -> its place in the recipe, from 1
+
+    def run_name(self, stage: str, item: str) -> str:
+        """A child run's name: `03 score/reverse`. The stage's place in the recipe comes first, so the MLflow UI, sorted by
+        name, lists a job's runs in pipeline order (newest first, its default, lists them backwards)."""
+        name = stage if item == stage else f"{stage}/{item}"
+        return f"{self.order[stage]:02d} {name}" if stage in self.order else name
 
     def output_path(self, stage: str, item: str, key: str) -> Path:
         return self.root / stage / f"{item}-{key}"
@@ -70,7 +77,7 @@ class RunContext:
                 path = self.output_path(stage, it.name, it.key)
                 paths[it.name] = path
                 name = stage if it.name == stage else f"{stage}/{it.name}"
-                run = stack.enter_context(self.tracker.run(name, parent=self.parent, tags={
+                run = stack.enter_context(self.tracker.run(self.run_name(stage, it.name), parent=self.parent, tags={
                     "graftline.stage": stage, "graftline.item": it.name, "graftline.key": it.key}))
                 run.params(it.params)
                 forced = stage in self.force or "all" in self.force
@@ -96,7 +103,8 @@ class RunContext:
                         tmp, run = todo[it.name]
                         metrics = {**(built.get(it.name) or {}), "seconds": seconds}
                         write_marker(tmp, OutputMarker(kind="stage", stage=stage, item=it.name, key=it.key, metrics=metrics))
-                        run.tags({"graftline.cached": "false", "graftline.output": str(paths[it.name])})
+                        run.tags({"graftline.cached": "false", "graftline.output": str(paths[it.name]),
+                                  **({"graftline.built_with": ",".join(todo)} if len(todo) > 1 else {})})
                         run.metrics(metrics)
                         self._record(result, it, paths[it.name], metrics)
         return paths

@@ -56,6 +56,7 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
     First, before Ray starts, every stage is checked against the cluster's largest node (`node`, default this machine:
     `pipelines.plan.local_node`): a stage that cannot fit is refused with one line (PlanError), as `graft plan` shows."""
     recipe = check_job(spec, str(job_file))
+    log(f"graftline: job {spec.name!r} ({job_file}), recipe {recipe.name!r}: checking each stage fits, then starting Ray…")
     unknown = force - {*recipe.stages, "all"}
     if unknown:
         raise JobError(f"--force: no stage {sorted(unknown)[0]!r} in recipe {recipe.name!r}; its stages: "
@@ -74,7 +75,8 @@ def run_job(spec: JobSpec, job_file: Path, *, address: str | None = None, force:
             parent.artifact(job_file, "job")
             parent.tags({"graftline.ray_cpus": resources.get("CPU", 0), "graftline.ray_gpus": resources.get("GPU", 0),
                          "graftline.stages": ",".join(recipe.stages), **run_description(spec, recipe, job_file)})
-            ctx = RunContext(spec, job_file, root, tracker, parent, force, run.board, log)
+            ctx = RunContext(spec, job_file, root, tracker, parent, force, run.board, log,
+                             order={s: i for i, s in enumerate(recipe.stages, 1)})
             for i, stage in enumerate(stages, 1):
                 log(f"[{i}/{len(stages)}] {stage.NAME}")
                 t0 = time.time()
@@ -139,6 +141,7 @@ def job_session(spec: JobSpec, address: str | None, uri: str, folder: Path,
     with ray_session(address) as resources:
         require_cpus(spec, address, resources)
         folder.mkdir(parents=True, exist_ok=True)
+        log(f"graftline: Ray is up ({int(resources.get('CPU', 0))} CPUs, {int(resources.get('GPU', 0))} GPUs); opening MLflow at {uri}…")
         tracker = Tracker(uri, spec.tracking.experiment, artifact_root=spec.output_dir / "mlartifacts", job=spec.name)
         for run_id in tracker.close_stale_runs():
             log(f"graftline: marked run {run_id} KILLED: it was left RUNNING by a process that is gone")

@@ -62,8 +62,9 @@ def accuracy_table(table: dict[str, dict[str, float]], general_drops: dict[str, 
 
 
 def table_rows(table: dict[str, dict[str, float]], general_drops: dict[str, float] | None = None) -> list[dict[str, object]]:
-    """The models × skills matrix as rows (`model`, each skill, and the general drop when given), for an MLflow table."""
+    """The models × skills matrix as rows (`model`, each skill, and the general drop when given, 0 for the base it is
+    measured against), for an MLflow table."""
     skills = columns(table)
-    drops = general_drops or {}
+    drops = {"base": 0.0, **general_drops} if general_drops else {}
     return [{"model": m, **{s: table[m].get(s) for s in skills}, **({"general_drop_points": drops.get(m)} if drops else {})}
             for m in table]

@@ -90,8 +90,25 @@ class ComputeSpec(Strict):
 
 
 class TrackingSpec(Strict):
+    """Where MLflow records the job, and whether its grafted checkpoint becomes a registered model version."""
+
     uri: str | None = Field(None, description="MLflow tracking URI; default: MLFLOW_TRACKING_URI, else sqlite under output_dir")
     experiment: str = "graftline"
+    register_model: bool = Field(True, description="register the graft stage's checkpoint as a version of an MLflow "
+                                 "model (`model_name`), servable with mlflow.pyfunc / `mlflow models serve`")
+    model_name: str | None = Field(None, description="the registered model; default: `<job name>-grafted`")
+    system_metrics_every_s: float = Field(10.0, ge=0, description="seconds between MLflow system-metrics samples (CPU, "
+                                          "memory, GPU) of rank 0's node on each training run; 0: none")
+
+    @field_validator("model_name")
+    @classmethod
+    def _model_name(cls, v: str | None) -> str | None:
+        from pipelines.logged_model import model_name_problem
+
+        problem = model_name_problem(v) if v is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
 
 
 class TestbedSpec(Strict):

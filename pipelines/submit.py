@@ -507,7 +507,7 @@ def run_link(sid: str, tracking_uri: str, experiment: str) -> str:
     """
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import SUBMISSION_TAG
+    from pipelines.tracking import SUBMISSION_TAG, ui_link
 
     if "'" in sid:
         raise SubmitError(f"MLflow: {sid!r} is not a submission id")
@@ -531,11 +531,10 @@ def run_link(sid: str, tracking_uri: str, experiment: str) -> str:
                           "(yet: the driver creates it once Ray is up)")
     run = parents[0]
     eid, rid = run.info.experiment_id, run.info.run_id
-    fragment = f"#/experiments/{eid}/runs/{rid}"
     if re.match(r"^https?://", tracking_uri):
-        return f"{tracking_uri.rstrip('/')}/{fragment}   ({run.info.status})"
+        return f"{ui_link(tracking_uri, eid, rid)}   ({run.info.status})"
     return (f"run {rid} in experiment {eid} ({experiment!r}) at {tracking_uri}   ({run.info.status}); in the UI: "
-            f"`graft ui --uri {tracking_uri}`, then http://127.0.0.1:5000/{fragment}")
+            f"`graft ui --uri {tracking_uri}`, then {ui_link('http://127.0.0.1:5000', eid, rid)}")
 
 
 def logs(client: JobSubmissionClient, sid: str) -> str:

@@ -125,7 +125,9 @@ def run_rung(setup: TrialSetup, params: dict[str, Any], skills: list[str], paren
     """Stages train → evaluate for the job restricted to `skills`, under MLflow run `parent_run_id` (a Ray task)."""
     os.chdir(setup.cwd)
     spec = apply_params(setup.job, params, setup.source)
-    spec = spec.model_copy(update={"skills": [s for s in spec.skills if s.name in skills]})
+    # a trial's graft is one point of the search, not a model to serve: `graft run` of the best job registers the winner
+    spec = spec.model_copy(update={"skills": [s for s in spec.skills if s.name in skills],
+                                   "tracking": spec.tracking.model_copy(update={"register_model": False})})
     tracker = Tracker(setup.tracking_uri, setup.experiment, job=setup.job["name"])
     ctx = RunContext(spec, Path(setup.job_file), Path(setup.root), tracker, RunHandle(tracker.client, parent_run_id),
                      frozenset(), Board(setup.inputs), lambda line: print(line, flush=True))

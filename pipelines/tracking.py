@@ -166,3 +166,15 @@ def write_json_artifact(run: RunHandle, obj: Any, name: str) -> None:
         path = os.path.join(tmp, name)
         Path(path).write_text(json.dumps(obj, indent=1, default=str))
         run.artifact(path)
+
+
+# the runs table oldest first: each job's run, and once it is opened (its `+`) its child runs, in pipeline order. (Sorted by
+# name, `01 testbed/...` first, the UI lists the runs flat, without their parents: MLflow nests child runs only
+# under a sort by start time.)
+RUNS_IN_PIPELINE_ORDER = "orderByKey=attributes.start_time&orderByAsc=true"
+
+
+def ui_link(base_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """Where the MLflow UI at `base_url` shows an experiment's runs in pipeline order, or one run of it."""
+    fragment = f"#/experiments/{experiment_id}/runs/{run_id}" if run_id else f"#/experiments/{experiment_id}/runs?{RUNS_IN_PIPELINE_ORDER}"
+    return f"{base_url.rstrip('/')}/{fragment}"

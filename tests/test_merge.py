@@ -125,6 +125,16 @@ def test_merged_folder_loads_with_transformers(tiny, tmp_path):
     assert logits.shape == (1, 3, TINY["vocab_size"]) and torch.isfinite(logits).all()
 
 
+def test_progress_reports_every_tensor_once_in_plan_order(tiny, tmp_path):
+    from graft.merge import execute_plan
+
+    plan = plan_merge(load_merge_config(write_yaml(tmp_path / "m.yaml", ties_cfg(tiny))))
+    seen: list[tuple[int, int, str]] = []
+    execute_plan(plan, tmp_path / "out", workers=2, progress=lambda done, total, name: seen.append((done, total, name)))
+    names = [tp.name for tp in plan.tensors]
+    assert seen == [(i, len(names), n) for i, n in enumerate(names, 1)]
+
+
 def test_small_shards_dtype_and_tokenizer_source(tiny, tmp_path):
     (tiny["ft_b"] / "tokenizer.json").write_text('{"from": "ft_b"}')
     cfg = write_yaml(tmp_path / "m.yaml", ties_cfg(tiny, dtype="bfloat16", tokenizer_source=str(tiny["ft_b"])))

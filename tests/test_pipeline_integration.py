@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import mlflow.pyfunc
 import pytest
 import yaml
+from mlflow.entities import LoggedModelStatus
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from graft.lora import read_lora_deltas
+from pipelines.logged_model import local_artifact_folder
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +28,7 @@ def job(tmp: Path, graft: dict | None = None, **train) -> dict:
     return {
         "name": "itest",
         "output_dir": str(tmp / "runs"),
-        "tracking": {"experiment": "itest"},
+        "tracking": {"experiment": "itest", "system_metrics_every_s": 0.5},
         "testbed": {"size": "tiny", "pretrain_steps": 30, "pretrain_examples": 1000, "train_examples": 200, "eval_examples": 16},
         "skills": [{"name": "reverse"}, {"name": "sort"}],
         # ZeRO-3 with every parameter partitioned: each LoRA must be gathered before it is saved, or its tensors are
@@ -54,7 +58,9 @@ def runs_of(tmp: Path):
 
 
 def children(runs, parent):
-    return {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    """A job's child runs by `stage/item`, their names with the stage's place in the recipe taken off (`02 train/sort`)."""
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    return {r.info.run_name.split(" ", 1)[1]: r for r in kids}
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +84,9 @@ def test_end_to_end_outputs_and_tracking(first_run):
     kids = children(runs, parent)
     assert set(kids) == STAGE_RUNS
     assert all(r.info.status == "FINISHED" and r.data.tags["graftline.cached"] == "false" for r in kids.values())
+    # sorted by name (as the UI can sort them), the runs read in the recipe's order
+    by_name = [kids[n].data.tags["graftline.stage"] for n in sorted(kids, key=lambda n: kids[n].info.run_name)]
+    assert list(dict.fromkeys(by_name)) == parent.data.tags["graftline.stages"].split(",")
 
     # training really went through DeepSpeed, at the ZeRO stage the spec asked for
     for skill in ("reverse", "sort"):
@@ -109,6 +118,23 @@ def test_end_to_end_outputs_and_tracking(first_run):
         assert shapes and all(len(s) == 2 and min(s) > 0 for s in shapes)  # whole LoRA matrices, not empty shards
 
     grafted = Path(parent.data.tags["graftline.grafted_checkpoint"])
+    # the grafted checkpoint is version 1 of the registered model `itest-grafted`, from a logged model of the graft run
+    graft_kid = kids["graft/grafted"]
+    assert parent.data.tags["graftline.registered_model"] == graft_kid.data.tags["graftline.registered_model"] == "itest-grafted/1"
+    (version,) = client.search_model_versions("name = 'itest-grafted'")
+    assert version.run_id == graft_kid.info.run_id and version.tags["graftline.key"] == graft_kid.data.tags["graftline.key"]
+    logged = client.get_logged_model(parent.data.tags["graftline.logged_model_id"])
+    assert logged.status == LoggedModelStatus.READY and logged.source_run_id == graft_kid.info.run_id
+    assert version.source == logged.artifact_location and logged.tags["graftline.weights"] == "hard-linked"
+    model_dir = local_artifact_folder(logged.artifact_location)
+    assert model_dir.is_relative_to(tmp / "runs" / "mlartifacts")
+    assert os.path.samefile(model_dir / "model" / "model.safetensors", grafted / "model.safetensors")  # a hard link, no copy
+    assert len(mlflow.pyfunc.load_model(logged.artifact_location).predict(["rev:abc="], params={"max_new_tokens": 4})) == 1
+    assert "  graft: registered itest-grafted version 1 (models:/itest-grafted/1)" in proc.stdout
+    # MLflow's system metrics of the training node, sampled while the base trained
+    base_run = kids["testbed/base-v1"]
+    assert client.get_metric_history(base_run.info.run_id, "system/cpu_utilization_percentage")
+    assert client.get_metric_history(base_run.info.run_id, "system/system_memory_usage_megabytes")
     model = AutoModelForCausalLM.from_pretrained(str(grafted))
     tok = AutoTokenizer.from_pretrained(str(grafted))
     out = model.generate(**tok(["rev:abc="], return_tensors="pt"), max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -141,6 +167,8 @@ def test_second_run_retrains_to_the_same_losses_and_reuses_every_other_stage(fir
     assert set(kids) == STAGE_RUNS
     assert {n for n, r in kids.items() if r.data.tags["graftline.cached"] == "false"} == {"train/reverse", "train/sort"}
     assert proc.stdout.count("reusing") == len(STAGE_RUNS) - 2
+    assert "  graft: already registered as itest-grafted version 1 (models:/itest-grafted/1)" in proc.stdout
+    assert parent.data.tags["graftline.registered_model"] == "itest-grafted/1"
     assert {p: json.loads(p.read_text()) for p in experts} == before
 
 

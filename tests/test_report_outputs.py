@@ -29,7 +29,7 @@ def test_the_chart_labels_every_bar_and_keeps_the_legend_off_the_bars(tmp_path, 
 
 def test_the_matrix_is_an_mlflow_table_one_row_per_model(tmp_path):
     rows = table_rows(TABLE, {"grafted": 10.0})
-    assert rows == [{"model": "base", "add": 0.0, "general": 1.0, "general_drop_points": None},
+    assert rows == [{"model": "base", "add": 0.0, "general": 1.0, "general_drop_points": 0.0},
                     {"model": "grafted", "add": 0.105, "general": 0.9, "general_drop_points": 10.0}]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "t", artifact_root=tmp_path / "art")

@@ -17,7 +17,7 @@ import math
 import os
 import shutil
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -270,18 +270,30 @@ def _finish_side_files(plan: MergePlan, folder: Path) -> None:
     (folder / "graft_merge.yml").write_text(cfg.source.read_text() if cfg.source.is_file() else "")
 
 
+def _reporting(merged: Iterator[tuple[str, torch.Tensor]], total: int,
+               progress: Callable[[int, int, str], None]) -> Iterator[tuple[str, torch.Tensor]]:
+    for done, (name, tensor) in enumerate(merged, 1):
+        progress(done, total, name)  # before the yield: the writer stops asking after the last tensor
+        yield name, tensor
+
+
 def execute_plan(plan: MergePlan, out: str | Path, seed: int = 0, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 workers: int | None = None, max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES, overwrite: bool = False) -> Path:
+                 workers: int | None = None, max_inflight_bytes: int = DEFAULT_INFLIGHT_BYTES, overwrite: bool = False,
+                 progress: Callable[[int, int, str], None] | None = None) -> Path:
     """Stream the planned merge into `out` (atomically: a failure leaves nothing behind; an input is never replaced).
 
     `workers` tensors (default: one per core) are merged concurrently while their inputs fit in
     `max_inflight_bytes` (one tensor always proceeds, however large); results are written in plan order.
+    `progress(done, total, name)` is called as each tensor is merged, in plan order (a caller's bar; the library prints nothing).
     """
     workers = max(1, workers or os.cpu_count() or 1)
     cfg = plan.config
     inputs = [m.path for m in cfg.models] + [p for p in (cfg.base_model, cfg.tokenizer_source, cfg.source) if p is not None]
     with atomic_dir(out, overwrite=overwrite, inputs=inputs, kind="merge") as tmp:
-        stream_shards(tmp, _slots(plan), _iter_merged(plan, seed, workers, max_inflight_bytes), max_shard_bytes)
+        merged = _iter_merged(plan, seed, workers, max_inflight_bytes)
+        if progress is not None:
+            merged = _reporting(merged, len(plan.tensors), progress)
+        stream_shards(tmp, _slots(plan), merged, max_shard_bytes)
         _finish_side_files(plan, tmp)
     return Path(out)
 

@@ -28,6 +28,7 @@ from graft.data import read_jsonl
 from graft.testbed.skills import SKILLS
 from pipelines.artifacts import Base, Datasets, Experts, Grafted, Report
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import gather
 from pipelines.context import RunContext, StageResult
 from pipelines.evaluation import EvaluateRequest, HarnessRequest, entry_identity, evaluate_model, general_source, harness_model
 from pipelines.inputs import digest_cache, file_ref
@@ -109,10 +110,10 @@ def run(ctx: RunContext) -> StageResult:
             lm_remote = ray.remote(**harness.placement.ray_options())(harness_model)
             lm_refs = {(name, i): lm_remote.remote(model, expert, entry, harness, cache)
                        for name, model, expert in harness.models for i, (entry, _) in enumerate(harness.entries)}
-        table = {m: ray.get(ref) for m, ref in refs.items()}
+        table = gather(refs, NAME, ctx.log, unit="models")
         metrics = {f"acc.{m}.{s}": v for m, row in table.items() for s, v in row.items()}
         if lm_refs:
-            merged = _write_harness(tmp, run, {k: ray.get(r) for k, r in lm_refs.items()})
+            merged = _write_harness(tmp, run, gather(lm_refs, f"{NAME} (lm-eval)", ctx.log, unit="model × task runs"))
             metrics |= {f"harness.{m}.{t}.{k}": v for m, row in merged.items() for t, ms in row.items() for k, v in ms.items()}
             if source.task is not None:  # general ability is the general task's first metric
                 (task,) = select_tasks([source.task]).names[:1]

@@ -11,6 +11,12 @@ Output: `<root>/graft/grafted-<key>/`, a checkpoint folder (safetensors, config,
 `AutoModelForCausalLM.from_pretrained` and `AutoTokenizer.from_pretrained` load — or, for 'routed',
 a routed-model folder that `graft.routing.RoutedModel.load` loads. The fusion report (packs, method, base
 drift) goes to the stage's MLflow run as `graft.json`; the folder itself holds only what its checks cover.
+
+With `tracking.register_model` (the default) the output, built or reused, is then a version of the MLflow
+model `tracking.model_name` (default `<job>-grafted`): a logged model whose weights are hard links to the
+output's files (`pipelines.logged_model`), servable with `mlflow.pyfunc.load_model("models:/NAME/N")`. The
+same content key keeps its version; the graft run and the job's run are tagged `graftline.registered_model`
+(`NAME/N`) and `graftline.logged_model_id`.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from pipelines.cache import Ref, content_key
 from pipelines.context import RunContext, StageResult
 from pipelines.spec import GraftSpec
 from pipelines.inputs import digest_cache, file_ref
-from pipelines.tracking import write_json_artifact
+from pipelines.logged_model import MODEL_ID_TAG, REGISTERED_TAG, GraftedModel, NotServable, default_model_name, register_grafted
+from pipelines.tracking import RunHandle, write_json_artifact
 
 NAME = "graft"
 READS = (Base, Datasets, Packs, Scores)
@@ -87,10 +94,41 @@ def run(ctx: RunContext) -> StageResult:
         return {"skills": len(packs)}
 
     key = content_key(req)
-    out = ctx.run_item(NAME, "grafted", key, {"skills": names, **spec.graft.model_dump(mode="json")}, build, result)
+    params = {"skills": names, **spec.graft.model_dump(mode="json")}
+    out = ctx.run_item(NAME, "grafted", key, params, build, result)
     ctx.parent.tags({"graftline.grafted_checkpoint": str(out)})
+    if spec.tracking.register_model:
+        grafted = GraftedModel(out, key, Path(req.tokenizer.path), Path(req.base.path), spec.trust_remote_code)
+        _register(ctx, grafted, params, result)
     result.artifacts.append(Grafted(Ref(str(out), key)))
     return result
+
+
+def _register(ctx: RunContext, grafted: GraftedModel, params: dict, result: StageResult) -> None:
+    """Make the output a version of the job's registered model (or find the one its key already has), and tag the
+    graft run and the job's run with it. A graft MLflow cannot serve is left unregistered, with a warning."""
+    run = _item_run(ctx, grafted.key)
+    name = ctx.spec.tracking.model_name or default_model_name(ctx.spec.name)
+    try:
+        reg = register_grafted(ctx.tracker.client, ctx.tracker.experiment_id, grafted, name, run.run_id, params, ctx.log)
+    except NotServable as e:
+        result.warnings.append(f"not registered as MLflow model {name!r}: {e}")
+        return
+    tags = {REGISTERED_TAG: f"{reg.name}/{reg.version}", MODEL_ID_TAG: reg.model_id}
+    run.tags(tags)
+    ctx.parent.tags(tags)
+    ctx.log(f"  {NAME}: {'already registered as' if reg.reused else 'registered'} {reg.name} version {reg.version} ({reg.uri})")
+
+
+def _item_run(ctx: RunContext, key: str) -> RunHandle:
+    """The child run `run_item` just opened (and closed) for this job's graft of content key `key`."""
+    runs = ctx.tracker.client.search_runs(
+        [ctx.tracker.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parent.run_id}' and tags.`graftline.stage` = '{NAME}' "
+                      f"and tags.`graftline.key` = '{key}'")
+    if not runs:
+        raise RuntimeError(f"no MLflow run of stage {NAME!r} with key {key} under run {ctx.parent.run_id}")
+    return RunHandle(ctx.tracker.client, runs[0].info.run_id)
 
 
 def _prompts(path: str, n: int, seed: int) -> list[str]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from pipelines.artifacts import Base, Checkpoint, Experts, Merged
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import gather
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.merging import study_config, write_merge
 from pipelines.spec import JobSpec, StudyMerge
@@ -78,7 +79,7 @@ def run(ctx: RunContext) -> StageResult:
             config = study_config(req.merge, req.base.path, req.language.path, req.domain.path, req.dtype, req.tokenizer.path)
             refs[row] = remote.remote(config, str(tmp), req.seed)
             ctx.log(f"  merge/{row}: {req.merge.method}")
-        return {row: ray.get(ref) for row, ref in refs.items()}
+        return gather(refs, NAME, ctx.log, unit="merges")
 
     paths = ctx.run_items(NAME, items, build, result)
     merged = {row: Checkpoint(Ref(str(p / "model"), it.key), base.tokenizer) for (row, p), it in zip(paths.items(), items)}

@@ -25,6 +25,7 @@ from typing import Any
 
 from pipelines.artifacts import Base, Datasets, Experts, Merged, Packs, Report
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import gather
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.report import accuracy_chart, accuracy_table
 from pipelines.spec import GraftSpec, JobSpec
@@ -125,7 +126,7 @@ def run(ctx: RunContext) -> StageResult:
     def build(tmp: Path, run) -> dict[str, float]:
         remote = ray.remote(**req.placement.ray_options())(evaluate_model)
         refs = {name: remote.remote(model, expert, req, str(cache.folder), name in grafts) for name, model, expert in req.models}
-        table = {m: ray.get(ref) for m, ref in refs.items()}
+        table = gather(refs, NAME, ctx.log, unit="models")
         rows = [{"method": m, **{col: table[m][skill] for col, skill in cols.items()}} for m in table]
         (tmp / "eval.json").write_text(json.dumps(table, indent=1))
         (tmp / "rows.json").write_text(json.dumps(rows, indent=1))

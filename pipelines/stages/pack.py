@@ -29,6 +29,7 @@ from graft.signing import sign_folder
 from graft.skillpack import MANIFEST, SkillPack
 from pipelines.artifacts import Base, Datasets, Experts, Packs, Scores
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import gather
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.placement import Placement, placement
 from pipelines.spec import PackSpec
@@ -123,10 +124,8 @@ def run(ctx: RunContext) -> StageResult:
         remote = ray.remote(**where.ray_options())(pack_one)
         refs = {name: remote.remote(requests[name], str(tmp), spec.name) for name, (tmp, _) in todo.items()}
         ctx.log(f"  pack: {', '.join(todo)} as {len(refs)} Ray task(s) on {where.device}")
-        metrics = {}
-        for name, ref in refs.items():  # in skill order; every task is already running
-            metrics[name] = ray.get(ref)
-            tmp, run = todo[name]
+        metrics = gather(refs, NAME, ctx.log, unit="skills")
+        for tmp, run in todo.values():
             run.artifact(tmp, "skillpack")
         return metrics
 

@@ -116,7 +116,8 @@ def _reference_finetunes(ctx: RunContext, reqs: dict[str, TrainRequest], result:
         for item, (tmp, run) in todo.items():
             req = reqs[item.removeprefix("reference-")]
             method.precheck(req.model.path, tr, spec.trust_remote_code)
-            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
+            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id,
+                                 system_metrics_every_s=ctx.spec.tracking.system_metrics_every_s))
             ctx.log(f"  port/{item}: {method.describe(tr)} on the new base, {req.steps} steps")
         run_training(jobs, ctx.root / "ray_train", "port-" + "-".join(sorted(todo)).replace("@", "-at-"),
                      checkpoint_every=tr.checkpoint_every, max_failures=tr.max_failures, log=ctx.log,

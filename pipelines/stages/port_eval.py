@@ -20,6 +20,7 @@ from pathlib import Path
 
 from pipelines.artifacts import Base, Datasets, Experts, Ported, Report
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import gather
 from pipelines.context import RunContext, StageResult
 from pipelines.placement import Placement, placement
 from pipelines.report import accuracy_chart, accuracy_table
@@ -146,8 +147,8 @@ def run(ctx: RunContext) -> StageResult:
 
     def build(tmp: Path, run) -> dict[str, float]:
         remote = ray.remote(**req.placement.ray_options())(score_candidate)
-        refs = [(c, remote.remote(c, req)) for c in req.candidates]
-        table = table_of([(c, ray.get(ref)) for c, ref in refs])
+        refs = {f"{c.row} ({i + 1})": remote.remote(c, req) for i, c in enumerate(req.candidates)}
+        table = table_of(list(zip(req.candidates, gather(refs, NAME, ctx.log, unit="models").values())))
         (tmp / "eval.json").write_text(json.dumps(table, indent=1))
         (tmp / "eval.txt").write_text(accuracy_table(table) + "\n")
         accuracy_chart(table, tmp / "eval.png", f"{spec.name}: held-out exact match")

@@ -21,6 +21,7 @@ import torch
 from graft.importance import ImportancePartial, module_summary, save_scores
 from pipelines.artifacts import Base, Datasets, Experts, Scores
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import as_completed
 from pipelines.context import RunContext, StageResult
 from pipelines.placement import Placement, placement
 
@@ -108,12 +109,10 @@ def run(ctx: RunContext) -> StageResult:
         def build(tmp: Path, run, skill=s.name) -> dict[str, float]:
             total: ImportancePartial | None = None
             nodes = set()
-            waiting = submit(skill)
-            del pending[skill]  # each partial is freed once added: the driver holds one running sum
-            while waiting:
-                done, waiting = ray.wait(waiting, num_returns=1)
-                sums, count, node = ray.get(done[0])
-                del done
+            # the refs live on only in the generator, which drops each once fetched: the driver holds one running sum
+            shards = as_completed(dict(enumerate(submit(skill))), f"{NAME}/{skill}", ctx.log, unit="shards")
+            del pending[skill]
+            for _, (sums, count, node) in shards:
                 nodes.add(node)
                 part = ImportancePartial({k: torch.from_numpy(np.array(v)) for k, v in sums.items()}, count)
                 total = part if total is None else total + part

@@ -178,7 +178,8 @@ def _models(ctx: RunContext, recipes: list[Recipe], data: dict, result: StageRes
                 parent = Ref(str(todo[r.parent][0]), req.model.key)
                 req = dataclasses.replace(req, model=parent, tokenizer=parent)
             starts[r.name] = req.model.path
-            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
+            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id,
+                                 system_metrics_every_s=ctx.spec.tracking.system_metrics_every_s))
             ctx.log(f"  testbed/{r.name}: {'from scratch, ' + r.family + '-' + r.size if r.parent is None else 'from ' + r.parent}"
                     f", {r.steps} steps on {r.data.name}, ZeRO-{req.zero_stage}")
         try:

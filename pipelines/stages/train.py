@@ -44,7 +44,8 @@ def run(ctx: RunContext) -> StageResult:
         jobs = []
         for name, (tmp, run) in todo.items():
             req = reqs[name]
-            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id))
+            jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id,
+                                 system_metrics_every_s=ctx.spec.tracking.system_metrics_every_s))
             ctx.log(f"  train/{name}: {method.describe(tr)}, ZeRO-{req.zero_stage}, {req.num_workers} workers, {req.steps} steps")
         run_training(jobs, ctx.root / "ray_train", "train-" + "-".join(todo), checkpoint_every=tr.checkpoint_every,
                      max_failures=tr.max_failures, log=ctx.log, names={str(tmp): f"train/{n}" for n, (tmp, _) in todo.items()})

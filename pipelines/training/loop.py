@@ -106,6 +106,18 @@ class _Pool:
         self.order = list(state["order"])
 
 
+def _system_metrics(job: TrainJob, resumed: bool):
+    """MLflow's own system-metrics monitor on rank 0's node (CPU, memory, disk, network, and GPU where NVML sees one),
+    sampling every `job.system_metrics_every_s` into the job's run as `system/...`; a resumed attempt goes on from
+    the steps the killed one logged."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(job.mlflow_run_id, sampling_interval=job.system_metrics_every_s, samples_before_logging=1,
+                                   resume_logging=resumed, tracking_uri=job.tracking_uri)
+    monitor.start()
+    return monitor
+
+
 def _numel(p) -> int:
     """A parameter's full size, also when ZeRO-3 holds only this rank's shard of it (`ds_numel`)."""
     return int(getattr(p, "ds_numel", p.numel()))
@@ -179,7 +191,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
         checkpoints.restore_rng(state["rng"])
         start, losses, seconds, restarts = resume.step, list(state["losses"]), state["seconds"], resume.restarts + 1
 
-    tracker, logged = None, set()
+    tracker, logged, monitor = None, set(), None
     if rank == 0 and job.tracking_uri and job.mlflow_run_id:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
@@ -187,6 +199,8 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
         tracker = MlflowClient(job.tracking_uri)
         if resume is not None:  # steps the killed attempt already logged are not logged twice
             logged = {m.step for m in tracker.get_metric_history(job.mlflow_run_id, "train_loss")}
+        if job.system_metrics_every_s > 0:
+            monitor = _system_metrics(job, resumed=resume is not None)
     pending: list = []
 
     def flush() -> None:
@@ -230,6 +244,8 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
             save_checkpoint(done, elapsed())
             paused += time.time() - c0
     flush()
+    if monitor is not None:
+        monitor.finish()
     attempt = time.time() - t0 - paused
 
     final = sum(losses[-10:]) / max(1, len(losses[-10:]))

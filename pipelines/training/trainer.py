@@ -72,6 +72,7 @@ class TrainJob:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     log_every: int = 20
+    system_metrics_every_s: float = 0.0  # rank 0's node sampled into the run this often; 0: not at all
 
 
 def run_training(jobs: Sequence[TrainJob], storage_path: str | Path, name: str, *, checkpoint_every: int, max_failures: int,
