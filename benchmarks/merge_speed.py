@@ -8,6 +8,14 @@ wall seconds and the command's own peak RSS (wait4's rusage, taken by a small la
 compared tensor by tensor. Writes benchmarks/results/merge_speed.json and merge_speed.png.
 mergekit must live in its own venv (it pins versions graftline does not share): pass its
 `mergekit-yaml` with --mergekit or $MERGEKIT_YAML.
+
+The comparison counts every element where the outputs differ at all (|a - b| > 0 in fp32, no tolerance:
+both tools compute TIES in fp32 here, in the same order of operations, so anything else is a real
+difference) and asks whether each one is a threshold tie: an entry whose |delta| equals the k-th largest
+|delta| of its fine-tune's tensor, k = max(1, int(density * n)), when more than k entries reach it. Which
+of the tied entries survive the trim is arbitrary (graftline keeps the lowest indices; mergekit's unstable
+argsort keeps whichever it sorts first), so a difference there is not an error.
+`max_abs_diff_outside_ties` shows whether everything else agrees.
 """
 
 from __future__ import annotations
@@ -21,6 +29,8 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from graft.checkpoint import CheckpointReader, write_checkpoint  # noqa: E402 (after the sys.path line)
+from graft.merge.sparsify import kth_largest_abs  # noqa: E402
 from provenance import provenance  # noqa: E402
 
 DEFAULT_MERGEKIT = os.environ.get("MERGEKIT_YAML", "/work/mk-venv/bin/mergekit-yaml")
@@ -40,6 +51,12 @@ SIZES = {  # name: (vocab, hidden, intermediate, layers, heads)
 }
 TIES = {"merge_method": "ties", "parameters": {"normalize": True},
         "models": [{"parameters": {"weight": 1.0, "density": 0.5}}, {"parameters": {"weight": 0.8, "density": 0.6}}]}
+COMPARISON = ("differing_elements: elements where |graftline - mergekit| > 0 (fp32, no tolerance). A difference is a "
+              "threshold tie when, at that coordinate, a fine-tune's |ft - base| (fp32) equals the k-th largest of its "
+              "tensor, k = max(1, int(density * n)), and more than k entries of that tensor reach it: which tied entries "
+              "survive the trim is arbitrary (graftline keeps the lowest indices, mergekit's unstable argsort any). "
+              "differing_elements_outside_ties and max_abs_diff_outside_ties are over the other differing elements "
+              "(0 and 0.0 if none). speedup = mergekit_wall_s / graftline_wall_s.")
 
 
 def llama_config(vocab: int, hidden: int, inter: int, layers: int, heads: int) -> dict:
@@ -105,12 +122,75 @@ def timed_child(cmd: list[str], log: Path) -> tuple[float, float]:
     return wall, int(peak) / 1024  # ru_maxrss is in KiB on Linux
 
 
-def max_abs_diff(a: Path, b: Path) -> float:
-    ra, rb = CheckpointReader(a), CheckpointReader(b)
+@dataclass(frozen=True)
+class Agreement:
+    """How two merges of the same inputs differ, and how much of it threshold ties explain."""
+
+    differing: int = 0  # elements with |a - b| > 0
+    outside_ties: int = 0  # of those, elements no fine-tune has at its trim threshold
+    max_abs_diff: float = 0.0
+    max_abs_diff_outside_ties: float = 0.0
+
+    @property
+    def all_ties(self) -> bool:
+        """True when every differing element is a threshold tie (or nothing differs)."""
+        return self.outside_ties == 0
+
+    def __add__(self, other: Agreement) -> Agreement:
+        return Agreement(self.differing + other.differing, self.outside_ties + other.outside_ties,
+                         max(self.max_abs_diff, other.max_abs_diff),
+                         max(self.max_abs_diff_outside_ties, other.max_abs_diff_outside_ties))
+
+
+def threshold_ties(base: torch.Tensor, finetunes: Sequence[torch.Tensor], densities: Sequence[float]) -> torch.Tensor:
+    """Mask of the coordinates where some fine-tune's |ft - base| (fp32) ties at its trim threshold.
+
+    The threshold is the k-th largest |delta| of the tensor, k = max(1, int(density * n)) (mergekit's
+    rule). Exactly k entries survive the trim, so when more than k entries reach the threshold the
+    tool's tie rule alone decides which of those at it survive: those are the entries marked. A threshold
+    reached by exactly k entries is no tie (every tool keeps them all), nor is a density outside (0, 1)
+    (all or nothing survives).
+    """
+    base = base.float()
+    n = base.numel()
+    tied = torch.zeros(base.shape, dtype=torch.bool)
+    for ft, density in zip(finetunes, densities, strict=True):
+        if not 0 < density < 1 or n == 0:
+            continue
+        mag = ft.float().sub(base).abs_()
+        k = max(1, int(density * n))
+        threshold, reached = kth_largest_abs(mag.view(-1), k)
+        if reached > k:
+            tied |= mag == threshold
+    return tied
+
+
+def compare_tensor(a: torch.Tensor, b: torch.Tensor, base: torch.Tensor, finetunes: Sequence[torch.Tensor],
+                   densities: Sequence[float]) -> Agreement:
+    """Compare two TIES merges `a`, `b` of `finetunes` onto `base`, element by element (exact, in fp32)."""
+    diff = a.float().sub(b.float()).abs_()
+    differ = (diff > 0) | diff.isnan()
+    if not bool(differ.any()):
+        return Agreement()
+    outside = differ & ~threshold_ties(base, finetunes, densities)
+    n_outside = int(outside.count_nonzero())
+    return Agreement(int(differ.count_nonzero()), n_outside, float(diff.max()),
+                     float(diff[outside].max()) if n_outside else 0.0)
+
+
+def compare_outputs(a: Path, b: Path, base: Path, finetunes: Sequence[Path], densities: Sequence[float]) -> Agreement:
+    """`compare_tensor` over every tensor of two merged folders, one tensor name at a time (never a whole model)."""
+    ra, rb, rbase = CheckpointReader(a), CheckpointReader(b), CheckpointReader(base)
+    rfts = [CheckpointReader(f) for f in finetunes]
     names = ra.keys()
     if set(names) != set(rb.keys()):
         raise SystemExit(f"outputs differ in tensor names: {sorted(set(names) ^ set(rb.keys()))[:5]}")
-    return max(float((ra.get(k).float() - rb.get(k).float()).abs().max()) for k in names)
+    total = Agreement()
+    for k in names:
+        ta, tb = ra.get(k), rb.get(k)
+        if ta.dtype != tb.dtype or not torch.equal(ta, tb):  # the inputs are read only where something differs
+            total += compare_tensor(ta, tb, rbase.get(k), [r.get(k) for r in rfts], densities)
+    return total
 
 
 def machine() -> str:
@@ -182,15 +262,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{size}] graftline: {g_wall:.1f} s, {g_rss:.0f} MB", flush=True)
         k_wall, k_rss = timed_child([str(mergekit), str(config), str(outs["mergekit"])], root / "mergekit.log")
         print(f"[{size}] mergekit:  {k_wall:.1f} s, {k_rss:.0f} MB", flush=True)
-        diff = max_abs_diff(outs["graftline"], outs["mergekit"])
-        print(f"[{size}] max |graftline - mergekit| = {diff:.3g}", flush=True)
+        agree = compare_outputs(outs["graftline"], outs["mergekit"], m["base"], [m["ft1"], m["ft2"]],
+                                [float(e["parameters"]["density"]) for e in TIES["models"]])
+        print(f"[{size}] max |graftline - mergekit| = {agree.max_abs_diff:.3g}; {agree.differing} elements differ, "
+              f"{agree.outside_ties} of them not threshold ties (max |diff| there {agree.max_abs_diff_outside_ties:.3g})",
+              flush=True)
         rows.append({"params": params, "graftline_wall_s": round(g_wall, 2), "graftline_peak_rss_mb": round(g_rss, 1),
-                     "mergekit_wall_s": round(k_wall, 2), "mergekit_peak_rss_mb": round(k_rss, 1), "max_abs_diff": diff})
+                     "mergekit_wall_s": round(k_wall, 2), "mergekit_peak_rss_mb": round(k_rss, 1),
+                     "speedup": round(k_wall / g_wall, 2), "max_abs_diff": agree.max_abs_diff,
+                     "differing_elements": agree.differing, "all_differences_are_threshold_ties": agree.all_ties,
+                     "differing_elements_outside_ties": agree.outside_ties,
+                     "max_abs_diff_outside_ties": agree.max_abs_diff_outside_ties})
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     args.results.mkdir(parents=True, exist_ok=True)
     prov = provenance([0], started, None if argv is None else [sys.argv[0], *argv])
-    (args.results / "merge_speed.json").write_text(json.dumps({"provenance": prov, "machine": machine(), "rows": rows}, indent=2) + "\n")
+    result = {"provenance": prov, "machine": machine(), "comparison": COMPARISON, "rows": rows}
+    (args.results / "merge_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(rows, args.results / "merge_speed.png")
     print(f"wrote {args.results / 'merge_speed.json'} and merge_speed.png")
     return 0

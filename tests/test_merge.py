@@ -292,3 +292,35 @@ def test_streamed_merge_equals_the_in_memory_merge(method, tmp_path):
                                     tmp_path / "out_a"))
         kept = int(torch.count_nonzero(only_a[big] != models["base"][big]))
         assert kept == int(0.3 * models["base"][big].numel())
+
+
+# --- differences from mergekit explained by threshold ties (benchmarks/merge_speed.py) ------------------------
+
+def _merge_speed():
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    import merge_speed
+
+    return merge_speed
+
+
+def test_threshold_tie_explains_a_difference_and_nothing_else_does():
+    ms = _merge_speed()
+    base = torch.zeros(6)
+    ft = torch.tensor([3.0, -2.0, 2.0, 1.0, 0.5, -2.0])  # density 0.5: k = 3; |delta| = 2 at 1, 2, 5: 3 entries for 2 slots
+    assert ms.threshold_ties(base, [ft], [0.5]).tolist() == [False, True, True, False, False, True]
+    ours = ft * top_k_mask(ft.abs(), 3)  # the lowest indices win: 0, 1, 2
+    assert (ours != 0).tolist() == [True, True, True, False, False, False]
+    theirs = ft * torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])  # another tool kept the tie at 5 instead of 1
+    agree = ms.compare_tensor(ours, theirs, base, [ft], [0.5])
+    assert (agree.differing, agree.outside_ties, agree.all_ties, agree.max_abs_diff_outside_ties) == (2, 0, True, 0.0)
+
+    off = ours.clone()
+    off[3] += 1e-6  # index 3 is below the threshold: no tie explains it
+    agree = ms.compare_tensor(ours, off, base, [ft], [0.5])
+    assert (agree.differing, agree.outside_ties, agree.all_ties) == (1, 1, False)
+    assert agree.max_abs_diff_outside_ties == pytest.approx(1e-6, rel=1e-3)
+
+    # a threshold reached by exactly k entries is no tie: index 3 below is the unique largest of the second fine-tune
+    ft2 = torch.tensor([0.0, 0.0, 0.0, 5.0, 0.0, 0.0])
+    assert not ms.threshold_ties(base, [ft, ft2], [0.5, 0.2])[3]
+    assert not ms.compare_tensor(ours, off, base, [ft, ft2], [0.5, 0.2]).all_ties

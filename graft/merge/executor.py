@@ -8,6 +8,17 @@ order. The task-arithmetic family (`streams_base` methods) reads its inputs and 
 straight from the checkpoint files, so the only whole tensors in memory are the results being
 written; other methods (linear, slerp) read each input tensor whole. Config and tokenizer files come
 from the base model (or `tokenizer_source`); the YAML is kept beside the weights as `graft_merge.yml`.
+
+Precision (`_compute_dtype`): floating tensors are merged in fp32 whatever their stored dtype, and in
+fp64 only when the config's `dtype:` (or, without one, the stored dtype) is float64. With `dtype:` set,
+each input is first cast to it (bf16 weights under `dtype: float16` are rounded to fp16) and then widened
+to fp32 for the arithmetic. The result is rounded once, on writing, to `out_dtype:`, else `dtype:`, else
+the dtype the reference model stores: bf16 or fp16 inputs merged with neither key are computed in fp32
+and written in their own dtype. mergekit 0.1.5 computes in the dtype it loads (`dtype:`, else the stored
+one), so on bf16 inputs its deltas, weighted sums and divisions are each rounded to bf16; the two tools
+then agree only to about bf16 precision, and a delta rounded differently can fall on the other side of
+the TIES threshold. On fp32 inputs both compute in fp32 and differ only where the trim's tie rule does
+(see `sparsify`). Non-floating tensors must be equal in every model and are copied as they are.
 """
 
 from __future__ import annotations

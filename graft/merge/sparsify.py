@@ -4,6 +4,14 @@ Semantics of mergekit 0.1.5: magnitude pruning keeps exactly `max(1, int(density
 random pruning keeps each entry with probability `density`, and `rescale` multiplies the survivors so
 that the tensor's L1 norm is unchanged (1/density in expectation for DARE). `density >= 1` keeps all.
 
+Ties at the magnitude threshold: exactly k entries survive, so when more entries than that reach the
+k-th largest magnitude, some entries equal to it are dropped. Here the lowest flat indices win (`top_k_mask`,
+`MagnitudeSurvivors`): the mask is a function of the values alone, the same whether the tensor is
+streamed or whole, on any machine. mergekit keeps the first k of `torch.argsort(|delta|, descending=True)`,
+which is not a stable sort, so which tied entries it keeps is unspecified. The two tools can therefore
+disagree on exactly those entries; `benchmarks/merge_speed.py` counts every difference and checks that
+each one is such a tie.
+
 Speed and memory: a full sort of a 25M-entry tensor costs seconds on CPU, so the k-th largest
 magnitude is found exactly by bracketing it with a small random sample and selecting inside the
 bracket; and every pass runs over cache-sized chunks (`CHUNK`) of a `Flat` source, so a task vector
@@ -70,7 +78,11 @@ def kth_largest_abs(source: torch.Tensor | Flat, k: int) -> tuple[torch.Tensor, 
 
 
 def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of exactly `k` largest entries of a non-negative tensor (ties: lowest indices win)."""
+    """Boolean mask of exactly `k` largest entries of a non-negative tensor.
+
+    Among entries tied at the k-th largest value the lowest flat indices win, so the mask is
+    deterministic (mergekit's unstable argsort keeps an unspecified subset of them).
+    """
     flat = magnitude.reshape(-1)
     threshold, count = kth_largest_abs(flat, k)
     keep = flat >= threshold
@@ -104,8 +116,12 @@ class Survivors:
 
 
 class MagnitudeSurvivors(Survivors):
-    """The `max(1, int(density * n))` largest |delta| survive (exactly that many: surplus ties, highest
-    indices first, are dropped)."""
+    """The `max(1, int(density * n))` largest |delta| survive, exactly that many.
+
+    When more entries reach the threshold than there are places, the surplus ties are dropped from
+    the highest flat indices down (the lowest indices win, as in `top_k_mask`): deterministic, where
+    mergekit's choice among them is not.
+    """
 
     def __init__(self, delta: Flat, density: float) -> None:
         super().__init__(delta)
