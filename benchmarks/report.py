@@ -309,11 +309,17 @@ def continual(data: Mapping) -> Lines:
 
 @formatter("merge_speed", "TIES merge, graftline against mergekit 0.1.5")
 def merge_speed(data: Mapping) -> Lines:
-    return table(
-        ["parameters", "graftline s", "mergekit s", "graftline peak MB", "mergekit peak MB", "max abs diff"],
+    lines = [f"{data['comparison']}", ""] if data.get("comparison") else []
+    return lines + table(
+        ["parameters", "graftline s", "mergekit s", "speedup", "graftline peak MB", "mergekit peak MB", "max abs diff",
+         "differing elements", "all threshold ties", "max abs diff outside ties"],
         ([f"{row['params']:,}" if _is_number(row.get("params")) else row.get("params"), num(row.get("graftline_wall_s"), 2),
-          num(row.get("mergekit_wall_s"), 2), num(row.get("graftline_peak_rss_mb"), 1), num(row.get("mergekit_peak_rss_mb"), 1),
-          f"{row['max_abs_diff']:.2e}" if _is_number(row.get("max_abs_diff")) else row.get("max_abs_diff")]
+          num(row.get("mergekit_wall_s"), 2), num(row.get("speedup"), 2), num(row.get("graftline_peak_rss_mb"), 1),
+          num(row.get("mergekit_peak_rss_mb"), 1),
+          f"{row['max_abs_diff']:.2e}" if _is_number(row.get("max_abs_diff")) else row.get("max_abs_diff"),
+          num(row.get("differing_elements")), num(row.get("all_differences_are_threshold_ties")),
+          f"{row['max_abs_diff_outside_ties']:.2e}" if _is_number(row.get("max_abs_diff_outside_ties"))
+          else row.get("max_abs_diff_outside_ties")]
          for row in data.get("rows", [])),
     )
 
