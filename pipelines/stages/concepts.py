@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipelines.artifacts import Checkpoint, Concepts, Datasets, Models
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import gather
 from pipelines.context import RunContext, StageResult
 from pipelines.placement import Placement, placement
 from pipelines.inputs import named_model, named_model_problems
@@ -113,7 +114,9 @@ def run(ctx: RunContext) -> StageResult:
         src = [remote.remote(req.source, [p, q, g], req.trust_remote_code, req.placement)
                for p, q, g in zip(_shards(pos, n), _shards(neg, n), _shards(prompts, n))]
         tgt = [remote.remote(req.target, [g], req.trust_remote_code, req.placement) for g in _shards(prompts, n)]
-        src_out, tgt_out = ray.get(src), ray.get(tgt)
+        states = gather({**{f"source shard {i}": r for i, r in enumerate(src)}, **{f"target shard {i}": r for i, r in enumerate(tgt)}},
+                        NAME, ctx.log, unit="shards")
+        src_out, tgt_out = list(states.values())[:len(src)], list(states.values())[len(src):]
         positive = _unshard([o[0] for o in src_out], len(pos))
         negative = _unshard([o[1] for o in src_out], len(neg))
         source_states = _unshard([o[2] for o in src_out], len(prompts))

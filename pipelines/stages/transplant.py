@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pipelines.artifacts import Checkpoint, Concepts, Datasets, Report, Transplanted
 from pipelines.cache import Ref, content_key
+from pipelines.waiting import as_completed
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.placement import Placement, placement
 from pipelines.report import format_table
@@ -181,8 +182,8 @@ def run(ctx: RunContext) -> StageResult:
         refs = {layer: remote.remote(req, layer, directions[layer], random_direction(directions[layer], tp.seed + layer))
                 for layer in wanted}
         metrics = {}
-        for layer, ref in refs.items():
-            for a, scores in ray.get(ref).items():
+        for layer, by_alpha in as_completed(refs, NAME, ctx.log, unit="layers"):
+            for a, scores in by_alpha.items():
                 name = point_name(layer, a)
                 if name in todo:
                     point = {**scores, "affine_r2_heldout": maps[layer][1].r2_heldout, "source_layer": maps[layer][0]}
