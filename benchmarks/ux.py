@@ -196,8 +196,6 @@ def ui_metrics(spec: dict, output_dir: Path, shots: Path) -> tuple[dict, dict, l
     with ui_checks.mlflow_server(store, output_dir / "ui-server") as base, ui_checks.chromium() as browser:
         views = {"runs_link": (ui_link(base, experiment),
                                "the runs table at the link `graft ui` prints (oldest first, the job's parent run expanded)"),
-                 "runs_tree": (ui_checks.runs_link(base, experiment, ui_checks.TREE_IN_START_ORDER),
-                               "the runs table sorted by start time, oldest first, the job's parent run expanded"),
                  "runs_default": (ui_checks.runs_link(base, experiment),
                                   "the runs table as the UI opens it by default (newest first), the parent expanded")}
         for name, (url, shows) in views.items():

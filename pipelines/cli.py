@@ -166,19 +166,26 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from pipelines.driver import resolve_tracking_uri
     from pipelines.tracking import ui_link
 
-    spec = load_spec_or_report(args.job)
-    if spec is None:
-        return EXIT_SPEC
+    base = f"http://127.0.0.1:{args.port}"
+    spec = None
+    if args.uri is None or Path(args.job).is_file():  # with --uri, the job only names the experiment to point at
+        spec = load_spec_or_report(args.job)
+        if spec is None:
+            return EXIT_SPEC
     uri = args.uri or resolve_tracking_uri(spec, os.environ.get("MLFLOW_TRACKING_URI"))
-    name, base = spec.tracking.experiment, f"http://127.0.0.1:{args.port}"
-    try:
-        experiment = MlflowClient(uri).get_experiment_by_name(name)
-    except Exception as e:  # noqa: BLE001 - an unreachable or unreadable store is one line
-        return _fail(f"MLflow at {uri}: {one_line(e)}", 1)
-    if experiment is None:
-        print(f"MLflow UI for {uri} on {base}: no experiment {name!r} yet (`graft run {args.job}` makes it)")
+    if spec is None:
+        print(f"MLflow UI for {uri} on {base}")
     else:
-        print(f"MLflow UI for {uri}: open experiment {name!r}, its runs in pipeline order, at\n  {ui_link(base, experiment.experiment_id)}")
+        name = spec.tracking.experiment
+        try:
+            experiment = MlflowClient(uri).get_experiment_by_name(name)
+        except Exception as e:  # noqa: BLE001 - an unreachable or unreadable store is one line
+            return _fail(f"MLflow at {uri}: {one_line(e)}", 1)
+        if experiment is None:
+            print(f"MLflow UI for {uri} on {base}: no experiment {name!r} yet (`graft run {args.job}` makes it)")
+        else:
+            print(f"MLflow UI for {uri}: open experiment {name!r}, its runs in pipeline order, at\n"
+                  f"  {ui_link(base, experiment.experiment_id)}")
     cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(args.port)]
     return subprocess.call(cmd)
 

@@ -23,6 +23,7 @@ class StageResult:
     artifacts: list[object] = field(default_factory=list)
     outputs: dict[str, Path] = field(default_factory=dict)
     keys: dict[str, str] = field(default_factory=dict)
+    runs: dict[str, str] = field(default_factory=dict)  # item -> the MLflow run id of its child run
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     cached: int = 0
@@ -44,10 +45,10 @@ class RunContext:
     order: Mapping[str, int] = field(default_factory=dict)  # stage -> its place in the recipe, from 1
 
     def run_name(self, stage: str, item: str) -> str:
-        """A child run's name: `03 score/reverse`. The stage's place in the recipe comes first, so the MLflow UI, sorted by
-        name, lists a job's runs in pipeline order (newest first, its default, lists them backwards)."""
-        name = stage if item == stage else f"{stage}/{item}"
-        return f"{self.order[stage]:02d} {name}" if stage in self.order else name
+        """A child run's name: `03 score/reverse`. The stage's place in the recipe comes first, so a job's runs sort by
+        name in pipeline order (the UI's default, newest first, lists them backwards)."""
+        label = _label(stage, item)
+        return f"{self.order[stage]:02d} {label}" if stage in self.order else label
 
     def output_path(self, stage: str, item: str, key: str) -> Path:
         return self.root / stage / f"{item}-{key}"
@@ -76,10 +77,10 @@ class RunContext:
             for it in items:
                 path = self.output_path(stage, it.name, it.key)
                 paths[it.name] = path
-                name = stage if it.name == stage else f"{stage}/{it.name}"
                 run = stack.enter_context(self.tracker.run(self.run_name(stage, it.name), parent=self.parent, tags={
                     "graftline.stage": stage, "graftline.item": it.name, "graftline.key": it.key}))
                 run.params(it.params)
+                result.runs[it.name] = run.run_id
                 forced = stage in self.force or "all" in self.force
                 if (path.exists() or path.is_symlink()) and not forced:
                     marker = read_marker(path)
@@ -91,7 +92,7 @@ class RunContext:
                     run.metrics(metrics)
                     result.cached += 1
                     self._record(result, it, path, metrics)
-                    self.log(f"  {name}: reusing {path}")
+                    self.log(f"  {_label(stage, it.name)}: reusing {path}")
                 else:
                     todo[it.name] = (stack.enter_context(atomic_dir(path, overwrite=forced)), run)
             if todo:
@@ -114,6 +115,11 @@ class RunContext:
         result.outputs[it.name] = path
         result.keys[it.name] = it.key
         result.metrics.update({f"{it.name}.{k}": v for k, v in metrics.items() if k != "seconds"})
+
+
+def _label(stage: str, item: str) -> str:
+    """How an item is named on the console: `score/reverse`, or the stage alone for its one item of the same name."""
+    return stage if item == stage else f"{stage}/{item}"
 
 
 @dataclass(frozen=True)

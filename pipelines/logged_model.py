@@ -291,11 +291,12 @@ def local_artifact_folder(uri: str) -> Path | None:
 def _fill(client: MlflowClient, logged: LoggedModel, layout: _Layout, run_id: str, log: Callable[[str], None]) -> str:
     """Put the layout into the logged model's artifact location; returns how the weights got there."""
     folder = local_artifact_folder(logged.artifact_location)
-    size = _size(layout.bytes())
+    total = layout.bytes()
+    size = _size(total)
     if folder is None:
         log(f"  graft: the artifact store {logged.artifact_location} is remote: uploading the model ({size})")
         with tempfile.TemporaryDirectory() as tmp:
-            _write_small(layout, Path(tmp), logged, run_id)
+            _write_small(layout, Path(tmp), logged, run_id, total)
             client.log_model_artifacts(logged.model_id, tmp)
         for source, dest in layout.links:
             parent = dest.rpartition("/")[0]
@@ -304,7 +305,7 @@ def _fill(client: MlflowClient, logged: LoggedModel, layout: _Layout, run_id: st
     folder.mkdir(parents=True, exist_ok=True)
     if any(folder.iterdir()):
         raise RuntimeError(f"{folder}: the new logged model's artifact folder is not empty; it is never written over")
-    _write_small(layout, folder, logged, run_id)
+    _write_small(layout, folder, logged, run_id, total)
     how = "hard-linked"
     for source, dest in layout.links:
         target = folder / dest
@@ -327,12 +328,12 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def _write_small(layout: _Layout, folder: Path, logged: LoggedModel, run_id: str) -> None:
+def _write_small(layout: _Layout, folder: Path, logged: LoggedModel, run_id: str, total_bytes: int) -> None:
     """The generated files: MLmodel (text in, text out; `max_new_tokens` may be set per request), environment,
     tokenizer, code."""
     signature = ModelSignature(Schema([ColSpec(DataType.string)]), Schema([ColSpec(DataType.string)]),
                                ParamSchema([ParamSpec("max_new_tokens", DataType.long, DEFAULT_MAX_NEW_TOKENS)]))
     model = Model(artifact_path=logged.artifact_location, run_id=run_id, model_uuid=logged.model_id, model_id=logged.model_id,
-                  signature=signature, model_size_bytes=layout.bytes())
+                  signature=signature, model_size_bytes=total_bytes)
     layout.write(folder, model)
     model.save(str(folder / "MLmodel"))

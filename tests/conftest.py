@@ -23,6 +23,15 @@ from graft.testbed.tokenizer import save_char_tokenizer  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A loopback TCP port free now, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args: object) -> subprocess.CompletedProcess:
     """`graft ARGS` run in this process by the `main` the console script runs: its exit code, stdout and stderr.
 

@@ -14,7 +14,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,16 +26,10 @@ import psutil
 import pytest
 import yaml
 
-from tests.conftest import run_cli
+from tests.conftest import free_port, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def graft(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess:

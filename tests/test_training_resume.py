@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ from graft.testbed.skills import generate
 from pipelines.cache import Ref
 from pipelines.training.deepspeed_config import build_deepspeed_config
 from pipelines.training.trainer import TrainJob, TrainRequest, run_training
-from tests.conftest import make_base
+from tests.conftest import free_port, make_base
 
 # The faults benchmark (benchmarks/faults.py) kills a worker the same way on every run of it; here it is kept
 # out of the default run for time, and runs with `make test-all`.
@@ -45,9 +44,7 @@ def ray_with_dashboard() -> Iterator[str]:
     """
     import ray
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     ctx = ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
                    _node_ip_address="127.0.0.1", log_to_driver=False, configure_logging=False,
                    runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_V2_ENABLED": "1",

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import free_port
+
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 # MLflow 3.17 on two busy cores: a page can take many seconds to render
 PAGE_TIMEOUT_S = 120.0
 VIEWPORT = {"width": 1600, "height": 1400}
-# The runs table nests children under their parent only when sorted by start time (or not sorted at all)
-TREE_IN_START_ORDER = "orderByKey=attributes.start_time&orderByAsc=true"
 RUN_NAME_CELL = '[col-id="attributes.`Run Name`"]'
 EXPAND_BUTTON = 'button[data-component-id*="runnamecellrenderer"]'
 # MLflow 3.17 opens its assistant's chat panel on a first visit, over a quarter of the page; closed, as a user would
@@ -49,13 +48,6 @@ def missing_browser() -> str | None:
     if not (Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK)):
         return f"no Chromium at {CHROMIUM} (`make test-ui` installs Debian's: apt-get install -y chromium)"
     return None
-
-
-def free_port() -> int:
-    """A loopback TCP port free now, for a server of this process's own."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager

@@ -107,7 +107,7 @@ def run(ctx: RunContext) -> StageResult:
 def _register(ctx: RunContext, grafted: GraftedModel, params: dict, result: StageResult) -> None:
     """Make the output a version of the job's registered model (or find the one its key already has), and tag the
     graft run and the job's run with it. A graft MLflow cannot serve is left unregistered, with a warning."""
-    run = _item_run(ctx, grafted.key)
+    run = RunHandle(ctx.tracker.client, result.runs["grafted"])
     name = ctx.spec.tracking.model_name or default_model_name(ctx.spec.name)
     try:
         reg = register_grafted(ctx.tracker.client, ctx.tracker.experiment_id, grafted, name, run.run_id, params, ctx.log)
@@ -118,17 +118,6 @@ def _register(ctx: RunContext, grafted: GraftedModel, params: dict, result: Stag
     run.tags(tags)
     ctx.parent.tags(tags)
     ctx.log(f"  {NAME}: {'already registered as' if reg.reused else 'registered'} {reg.name} version {reg.version} ({reg.uri})")
-
-
-def _item_run(ctx: RunContext, key: str) -> RunHandle:
-    """The child run `run_item` just opened (and closed) for this job's graft of content key `key`."""
-    runs = ctx.tracker.client.search_runs(
-        [ctx.tracker.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-        filter_string=f"tags.`mlflow.parentRunId` = '{ctx.parent.run_id}' and tags.`graftline.stage` = '{NAME}' "
-                      f"and tags.`graftline.key` = '{key}'")
-    if not runs:
-        raise RuntimeError(f"no MLflow run of stage {NAME!r} with key {key} under run {ctx.parent.run_id}")
-    return RunHandle(ctx.tracker.client, runs[0].info.run_id)
 
 
 def _prompts(path: str, n: int, seed: int) -> list[str]:
