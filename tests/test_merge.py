@@ -111,6 +111,57 @@ def test_kth_largest_exact_on_big_tensors_and_top_k_counts_ties():
     assert int(mask.sum()) == 3 and mask[0] and mask[2] and mask[3] and not mask[4]
 
 
+def _trim_task(n: int, weights: tuple[float, ...], densities: tuple[float, ...], normalize: bool, seed: int = 5):
+    """A TensorTask over n entries whose deltas sit on a coarse grid: many exact ties at any threshold."""
+    from graft.merge.base import TensorTask
+
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=gen) * 0.02
+    inputs = [base + torch.round(torch.randn(n, generator=gen) * 6) / 300 for _ in weights]
+    params = {"normalize": normalize, "rescale": False, "lambda": 1.0}
+    return lambda threads=1: TensorTask("t", [t.clone() for t in inputs], base.clone(), params,
+                                        [{"weight": w, "density": d} for w, d in zip(weights, densities)], threads=threads)
+
+
+@pytest.mark.parametrize("consensus", [True, False])
+@pytest.mark.parametrize("weights,normalize", [((1.0, 0.8), True), ((1.0, -1.0), True), ((0.5, 0.7, 1.2), False)])
+def test_one_pass_trim_equals_the_exact_two_pass_merge(consensus, weights, normalize, monkeypatch):
+    """merge_trimmed (ties, magnitude_prune) brackets each threshold from a sample, merges in one pass and settles the
+    entries inside the brackets afterwards: bit for bit what the exact threshold gives, surplus ties included, on one
+    thread or several, and when a bracket misses (then it redoes the tensor the exact way)."""
+    from graft.merge import sparsify, task_vectors
+    from graft.merge.task_vectors import magnitude_survivors, merge_task_vectors, merge_trimmed
+
+    n = sparsify.BRACKET_MIN + 3 * sparsify.CHUNK + 17
+    densities = (0.3, 0.6, 0.5)[: len(weights)]
+    task = _trim_task(n, weights, densities, normalize)
+    exact = merge_task_vectors(task(), magnitude_survivors, consensus)
+    exact_way = []  # merge_trimmed's fallback: it must not be what makes the results equal
+    monkeypatch.setattr(task_vectors, "merge_task_vectors", lambda *a: exact_way.append(1) or merge_task_vectors(*a))
+    assert torch.equal(merge_trimmed(task(), consensus), exact)
+    assert torch.equal(merge_trimmed(task(threads=3), consensus), exact)
+    single = _trim_task(n, (1.0,), (0.3,), False)
+    assert torch.equal(merge_trimmed(single(), False), merge_task_vectors(single(), magnitude_survivors, False))
+    assert not exact_way
+
+    monkeypatch.setattr(sparsify.Bracket, "resolve", lambda self, above, window, where: None)  # a missed bracket
+    assert torch.equal(merge_trimmed(task(), consensus), exact) and exact_way
+
+
+def test_bracket_holds_the_kth_largest_and_widens_for_correlated_runs():
+    from graft.merge.sparsify import RUN, RUNS, Bracket
+
+    gen = torch.Generator().manual_seed(1)
+    n, k = 10_000_000, 3_000_000
+    iid = torch.randn(RUNS, RUN, generator=gen).abs()
+    rows = (torch.randn(RUNS, RUN, generator=gen) * torch.rand(RUNS, 1, generator=gen) * 4).abs()  # a scale per run
+    narrow, wide = Bracket.of(iid, k, n), Bracket.of(rows, k, n)
+    q = torch.quantile(iid.reshape(-1), 1 - k / n)
+    assert narrow.lo <= q <= narrow.hi
+    share = lambda b, x: float(((x >= b.lo) & (x <= b.hi)).float().mean())  # noqa: E731
+    assert share(narrow, iid) < 0.05 < share(wide, rows)
+
+
 # --- outputs ----------------------------------------------------------------------------------------------
 
 def test_merged_folder_loads_with_transformers(tiny, tmp_path):

@@ -111,6 +111,7 @@ class TensorTask:
     seed: int = 0
     sources: list[Flat] | None = None
     base_source: Flat | None = None
+    threads: int = 1  # threads that may work on this tensor's chunks at once (the executor's choice)
     _generators: dict[int, torch.Generator] = field(default_factory=dict, repr=False)
 
     @property

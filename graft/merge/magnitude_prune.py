@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from graft.merge.base import TensorTask, merge_method, task_arithmetic_params
-from graft.merge.task_vectors import magnitude_survivors, merge_task_vectors
+from graft.merge.task_vectors import merge_trimmed
 
 
 @merge_method("magnitude_prune", params=task_arithmetic_params(normalize=False, rescale=False), streams_base=True)
 def magnitude_prune(task: TensorTask) -> torch.Tensor:
     """Magnitude-trimmed deltas summed with their weights."""
-    return merge_task_vectors(task, sparsify=magnitude_survivors, consensus=False)
+    return merge_trimmed(task, consensus=False)

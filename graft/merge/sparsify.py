@@ -16,21 +16,28 @@ Speed and memory: a full sort of a 25M-entry tensor costs seconds on CPU, so the
 magnitude is found exactly by bracketing it with a small random sample and selecting inside the
 bracket; and every pass runs over cache-sized chunks (`CHUNK`) of a `Flat` source, so a task vector
 need not be in memory at all (the executor reads it from the checkpoints chunk by chunk) and
-temporaries never cost a fresh, page-faulting allocation the size of the tensor.
+temporaries never cost a fresh, page-faulting allocation the size of the tensor. For a big tensor the
+bracket can even come first (`Bracket`, from `RUNS` short runs of the tensor): entries above it
+survive and entries below it do not whatever the exact threshold is, so a merge can run in the same
+pass that counts and collects what falls inside, and settle only those entries afterwards
+(`graft.merge.task_vectors.merge_trimmed`).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from graft.merge.base import Flat
 
-CHUNK = 1 << 15  # elements per chunk (128 KiB of fp32): a chunk's temporaries stay in cache
+CHUNK = 1 << 18  # elements per chunk (1 MiB of fp32): big enough that per-op overhead is small, temporaries stay in L2-L3
 EXACT_SELECT_MAX = 1 << 20  # below this size torch.kthvalue on the whole tensor is cheap enough
 SAMPLE = 1 << 16  # sample size used to bracket the k-th largest magnitude of a big tensor
 RESCALE_EPS = 1e-7  # mergekit leaves a tensor unscaled when either L1 norm is below this
+RUNS, RUN = 32, 2048  # a bracket's sample: RUNS contiguous runs of RUN entries (one read each per file)
+BRACKET_MIN = 8 * RUNS * RUN  # from this size a tensor's threshold is bracketed before its merge pass
 
 
 def chunks(n: int) -> list[slice]:
@@ -75,6 +82,57 @@ def kth_largest_abs(source: torch.Tensor | Flat, k: int) -> tuple[torch.Tensor, 
         return t, int(torch.count_nonzero(mag >= t))
     t = torch.kthvalue(window, window.numel() - rank + 1).values
     return t, above + int(torch.count_nonzero(window >= t))
+
+
+def sample_runs(n: int) -> list[slice]:
+    """`RUNS` runs of `RUN` consecutive entries at random places in range(n) (seeded by n: reproducible), sorted."""
+    gen = torch.Generator().manual_seed(n)
+    starts = torch.randint(n - RUN + 1, (RUNS,), generator=gen).sort().values.tolist()
+    return [slice(s, s + RUN) for s in starts]
+
+
+@dataclass(frozen=True)
+class Bracket:
+    """An interval [lo, hi] that holds the k-th largest |x| of a tensor with overwhelming probability.
+
+    Built from a sample of runs (`sample_runs`): runs are cheap to read but their entries are
+    correlated (one row of a matrix may be larger than the rest), so the margin is six standard errors
+    of the quantile estimated from the spread between runs, and never less than six for independent
+    draws. A miss is detected afterwards (`resolve`), never assumed away.
+    """
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    k: int
+
+    @staticmethod
+    def of(sample: torch.Tensor, k: int, n: int) -> "Bracket":
+        """`sample`: |x| at the runs, one row per run; k of n entries are to survive."""
+        runs, m = sample.shape[0], sample.numel()
+        values = sample.reshape(-1)
+
+        def nth(i: int) -> torch.Tensor:  # the i-th smallest of the sample, from 0
+            return torch.kthvalue(values, min(m, max(1, i + 1))).values
+
+        q = 1.0 - k / n
+        share_above = (sample >= nth(int(q * m))).float().mean(dim=1)  # per run
+        between = float(share_above.std()) / math.sqrt(runs) if runs > 1 else 1.0
+        margin = 6.0 * max(between, math.sqrt(q * (1.0 - q) / m)) + 4.0 / m
+        return Bracket(nth(int((q - margin) * m)), nth(math.ceil((q + margin) * m)), k)
+
+    def resolve(self, above: int, window: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The exact threshold and the flat indices of the surplus ties it drops, or None if the bracket missed.
+
+        `above`: how many |x| exceed hi; `window`: every |x| inside [lo, hi]; `where`: their flat
+        indices, ascending. The surplus ties go from the highest index down, as in `MagnitudeSurvivors`.
+        """
+        rank = self.k - above  # the answer's rank within the window, from the top
+        if not 1 <= rank <= window.numel():
+            return None
+        t = torch.kthvalue(window, window.numel() - rank + 1).values
+        ties = where[window == t]
+        surplus = above + int(torch.count_nonzero(window >= t)) - self.k
+        return t, ties[ties.numel() - surplus:] if surplus > 0 else ties[:0]
 
 
 def top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 
 from graft.merge.base import TensorTask, merge_method, task_arithmetic_params
-from graft.merge.task_vectors import magnitude_survivors, merge_task_vectors
+from graft.merge.task_vectors import merge_trimmed
 
 
 @merge_method("ties", params=task_arithmetic_params(normalize=True, rescale=False), streams_base=True)
 def ties(task: TensorTask) -> torch.Tensor:
     """Magnitude-trimmed, sign-elected merge of the deltas."""
-    return merge_task_vectors(task, sparsify=magnitude_survivors, consensus=True)
+    return merge_trimmed(task, consensus=True)
