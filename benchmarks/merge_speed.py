@@ -3,9 +3,10 @@
     nice -n 10 .venv/bin/python benchmarks/merge_speed.py [--mergekit /work/mk-venv/bin/mergekit-yaml]
 
 For each size (~20M, ~170M, ~500M parameters; Llama configs, random init, fine-tunes = base + noise,
-fp32 safetensors folders under --workdir), both tools merge the SAME YAML, each in its own child process;
-wall seconds and the command's own peak RSS (wait4's rusage, taken by a small launcher) are recorded, then the two outputs are
-compared tensor by tensor. Writes benchmarks/results/merge_speed.json and merge_speed.png.
+fp32 safetensors folders under --workdir), both tools merge the SAME YAML, each in its own child process,
+--repeat times (default 3) in turn; the median wall seconds and the largest peak RSS of the command itself
+(wait4's rusage, taken by a small launcher) are recorded, then the two outputs are compared tensor by
+tensor. Writes benchmarks/results/merge_speed.json and merge_speed.png.
 mergekit must live in its own venv (it pins versions graftline does not share): pass its
 `mergekit-yaml` with --mergekit or $MERGEKIT_YAML.
 
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -56,7 +58,9 @@ COMPARISON = ("differing_elements: elements where |graftline - mergekit| > 0 (fp
               "tensor, k = max(1, int(density * n)), and more than k entries of that tensor reach it: which tied entries "
               "survive the trim is arbitrary (graftline keeps the lowest indices, mergekit's unstable argsort any). "
               "differing_elements_outside_ties and max_abs_diff_outside_ties are over the other differing elements "
-              "(0 and 0.0 if none). speedup = mergekit_wall_s / graftline_wall_s.")
+              "(0 and 0.0 if none). Each tool runs --repeat times per size, interleaved with the other; *_wall_s is the median "
+              "of its runs (*_wall_s_runs), peak RSS the largest. speedup = mergekit_wall_s / graftline_wall_s (medians); "
+              "speedup_worst = mergekit's fastest run / graftline's slowest.")
 
 
 def llama_config(vocab: int, hidden: int, inter: int, layers: int, heads: int) -> dict:
@@ -235,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/graft_merge_bench"))
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--keep", action="store_true", help="keep the generated models and outputs")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each tool per size, interleaved; the median is reported")
     args = ap.parse_args(argv)
     started = time.time()
     mergekit = Path(args.mergekit)
@@ -255,13 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         config = root / "ties.yaml"
         config.write_text(yaml.safe_dump(ties, sort_keys=False))
         outs = {t: root / f"out_{t}" for t in ("graftline", "mergekit")}
-        for out in outs.values():
-            shutil.rmtree(out, ignore_errors=True)
-        g_wall, g_rss = timed_child([sys.executable, "-m", "pipelines.cli", "merge", str(config), str(outs["graftline"])],
-                                    root / "graftline.log")
-        print(f"[{size}] graftline: {g_wall:.1f} s, {g_rss:.0f} MB", flush=True)
-        k_wall, k_rss = timed_child([str(mergekit), str(config), str(outs["mergekit"])], root / "mergekit.log")
-        print(f"[{size}] mergekit:  {k_wall:.1f} s, {k_rss:.0f} MB", flush=True)
+        commands = {"graftline": [sys.executable, "-m", "pipelines.cli", "merge", str(config), str(outs["graftline"])],
+                    "mergekit": [str(mergekit), str(config), str(outs["mergekit"])]}
+        runs: dict[str, list[tuple[float, float]]] = {t: [] for t in commands}
+        for attempt in range(1, args.repeat + 1):  # interleaved, so a slow spell of a shared machine hits both tools
+            for tool, cmd in commands.items():
+                shutil.rmtree(outs[tool], ignore_errors=True)
+                wall, rss = timed_child(cmd, root / f"{tool}.log")
+                runs[tool].append((wall, rss))
+                print(f"[{size}] {tool:9s} run {attempt}/{args.repeat}: {wall:.1f} s, {rss:.0f} MB", flush=True)
+        g_wall, k_wall = (statistics.median(w for w, _ in runs[t]) for t in ("graftline", "mergekit"))
+        g_rss, k_rss = (max(r for _, r in runs[t]) for t in ("graftline", "mergekit"))
         agree = compare_outputs(outs["graftline"], outs["mergekit"], m["base"], [m["ft1"], m["ft2"]],
                                 [float(e["parameters"]["density"]) for e in TIES["models"]])
         print(f"[{size}] max |graftline - mergekit| = {agree.max_abs_diff:.3g}; {agree.differing} elements differ, "
@@ -269,7 +278,11 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         rows.append({"params": params, "graftline_wall_s": round(g_wall, 2), "graftline_peak_rss_mb": round(g_rss, 1),
                      "mergekit_wall_s": round(k_wall, 2), "mergekit_peak_rss_mb": round(k_rss, 1),
-                     "speedup": round(k_wall / g_wall, 2), "max_abs_diff": agree.max_abs_diff,
+                     "graftline_wall_s_runs": [round(w, 2) for w, _ in runs["graftline"]],
+                     "mergekit_wall_s_runs": [round(w, 2) for w, _ in runs["mergekit"]],
+                     "speedup": round(k_wall / g_wall, 2),
+                     "speedup_worst": round(min(w for w, _ in runs["mergekit"]) / max(w for w, _ in runs["graftline"]), 2),
+                     "max_abs_diff": agree.max_abs_diff,
                      "differing_elements": agree.differing, "all_differences_are_threshold_ties": agree.all_ties,
                      "differing_elements_outside_ties": agree.outside_ties,
                      "max_abs_diff_outside_ties": agree.max_abs_diff_outside_ties})

@@ -307,14 +307,22 @@ def continual(data: Mapping) -> Lines:
     return lines + table(["variant", *order, "general", "final mean", "forgetting (points)"], rows)
 
 
+def _with_runs(row: Mapping, tool: str) -> str:
+    """A tool's median wall seconds, and its runs when there were several."""
+    runs = row.get(f"{tool}_wall_s_runs") or []
+    median = num(row.get(f"{tool}_wall_s"), 2)
+    return f"{median} ({', '.join(num(r, 1) for r in runs)})" if len(runs) > 1 else median
+
+
 @formatter("merge_speed", "TIES merge, graftline against mergekit 0.1.5")
 def merge_speed(data: Mapping) -> Lines:
     lines = [f"{data['comparison']}", ""] if data.get("comparison") else []
     return lines + table(
-        ["parameters", "graftline s", "mergekit s", "speedup", "graftline peak MB", "mergekit peak MB", "max abs diff",
-         "differing elements", "all threshold ties", "max abs diff outside ties"],
-        ([f"{row['params']:,}" if _is_number(row.get("params")) else row.get("params"), num(row.get("graftline_wall_s"), 2),
-          num(row.get("mergekit_wall_s"), 2), num(row.get("speedup"), 2), num(row.get("graftline_peak_rss_mb"), 1),
+        ["parameters", "graftline s", "mergekit s", "speedup", "speedup, worst pair", "graftline peak MB",
+         "mergekit peak MB", "max abs diff", "differing elements", "all threshold ties", "max abs diff outside ties"],
+        ([f"{row['params']:,}" if _is_number(row.get("params")) else row.get("params"),
+          _with_runs(row, "graftline"), _with_runs(row, "mergekit"), num(row.get("speedup"), 2),
+          num(row.get("speedup_worst"), 2) if "speedup_worst" in row else "–", num(row.get("graftline_peak_rss_mb"), 1),
           num(row.get("mergekit_peak_rss_mb"), 1),
           f"{row['max_abs_diff']:.2e}" if _is_number(row.get("max_abs_diff")) else row.get("max_abs_diff"),
           num(row.get("differing_elements")), num(row.get("all_differences_are_threshold_ties")),
