@@ -89,4 +89,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="replace OUT if it is a folder graftline wrote (never a folder it did not write, nor an input)")
     m.add_argument("--random-seed", type=int, default=0, help="seed of the random methods (dare_*); default 0")
     m.add_argument("--shard-mb", type=int, default=128, help="output shard size in MiB (default 128)")
-    m.set_defaults(fn=cmd_merge)
+    m.set_defaults(fn=cmd_merge, exit_at_once=True)  # no Ray, no MLflow: nothing to tear down

@@ -99,7 +99,9 @@ class _Mix:
         for d in deltas[2:]:
             total.add_(d)
         if self.consensus:
-            sign = _mask(torch.ge, total, 0).mul_(2).sub_(1)  # the elected sign per coordinate: +1 where Σ >= 0
+            # The elected sign per coordinate, +1 where Σ >= 0. copysign reads -1 at Σ = -0.0, but a sum is -0.0 only
+            # when every term is a zero, which agrees with neither sign: the result is the same.
+            sign = torch.copysign(torch.ones((), dtype=total.dtype), total)
             divisor = None
             for i, (w, d) in enumerate(zip(self.weights, deltas)):
                 agree = _mask(torch.gt, d.mul(sign), 0)
@@ -107,7 +109,7 @@ class _Mix:
                     total = d.mul_(agree)
                     divisor = agree.mul_(w) if self.normalize else None
                 else:
-                    total.add_(d.mul_(agree))
+                    total.addcmul_(d, agree)
                     if divisor is not None:
                         divisor.add_(agree, alpha=w)
             if divisor is not None:
