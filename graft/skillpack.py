@@ -217,16 +217,26 @@ def allocate_ranks(values: dict[str, torch.Tensor], costs: dict[str, float], bud
     return ranks
 
 
+REFIT_FP64_MAX = 1 << 22  # moments up to 2048 x 2048 are refit in float64; larger ones in fp32
+
+
 def _refit_u(delta: Delta, v: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """U minimizing E‖(Δ − U Vᵀ) x‖² for inputs of second moment H, and Vᵀ H V (U's input moment), on H's device."""
+    """U minimizing E‖(Δ − U Vᵀ) x‖² for inputs of second moment H, and Vᵀ H V (U's input moment), on H's device.
+
+    The products with H and Δ run in float64 while H is small (`REFIT_FP64_MAX` entries: cheap, and
+    what every committed result was packed with) and in fp32 beyond it, where float64 would double the
+    memory of a 14336-wide moment and run at a fraction of fp32 speed on most GPUs. Only the small
+    r x r solve always takes float64.
+    """
     device, v = moment.device, v.to(moment.device)
-    hv = moment.double() @ v.double()
+    wide = torch.float64 if moment.numel() <= REFIT_FP64_MAX else torch.float32
+    hv = moment.to(wide) @ v.to(wide)
     if isinstance(delta, LowRankDelta):
-        dhv = delta.scale * (delta.B.to(device).double() @ (delta.A.to(device).double() @ hv))
+        dhv = delta.scale * (delta.B.to(device, wide) @ (delta.A.to(device, wide) @ hv))
     else:
-        dhv = delta.to(device).double() @ hv
-    hz = v.double().T @ hv
-    return (dhv @ torch.linalg.pinv(hz, hermitian=True)).float(), hz
+        dhv = delta.to(device, wide) @ hv
+    hz = (v.to(wide).T @ hv).double()
+    return (dhv.double() @ torch.linalg.pinv(hz, hermitian=True)).float(), hz
 
 
 Rounded = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # a quantizer's codes, per-column min and step

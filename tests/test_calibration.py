@@ -251,3 +251,24 @@ def test_gptq_fallbacks_are_named_in_the_manifest(base_model, tmp_path):
     assert _pack_warnings(tmp_path / "pack") == pack.manifest["warnings"]
     clean = pack_skill("s", {keys[0]: deltas[keys[0]]}, base_fingerprint(reader, keys[:1]), st, calibration={keys[0]: good})
     assert clean.manifest["warnings"] == []
+
+
+def test_refit_of_a_wide_moment_runs_in_fp32_and_agrees_with_float64(monkeypatch):
+    """Above REFIT_FP64_MAX entries the refit's large products take fp32 (only the r x r solve stays float64);
+    the U it finds is the float64 one to fp32 precision, for a dense and a low-rank delta."""
+    import graft.skillpack as skillpack
+
+    gen = torch.Generator().manual_seed(4)
+    d_out, d_in, r = 48, 64, 6
+    x = torch.randn(512, d_in, generator=gen) * torch.linspace(0.2, 3.0, d_in)
+    moment = x.T @ x / x.shape[0]
+    v = torch.linalg.qr(torch.randn(d_in, r, generator=gen)).Q
+    low_rank = LowRankDelta("m.weight", torch.randn(r, d_in, generator=gen), torch.randn(d_out, r, generator=gen), 0.5)
+    for delta in (torch.randn(d_out, d_in, generator=gen), low_rank):
+        wide_u, wide_hz = skillpack._refit_u(delta, v, moment)
+        monkeypatch.setattr(skillpack, "REFIT_FP64_MAX", moment.numel() - 1)
+        narrow_u, narrow_hz = skillpack._refit_u(delta, v, moment)
+        monkeypatch.setattr(skillpack, "REFIT_FP64_MAX", 1 << 22)
+        assert wide_hz.dtype == narrow_hz.dtype == torch.float64 and narrow_u.dtype == torch.float32
+        assert not torch.equal(narrow_u, wide_u)  # the fp32 path really ran
+        torch.testing.assert_close(narrow_u, wide_u, rtol=1e-4, atol=1e-5)
