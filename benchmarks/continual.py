@@ -12,12 +12,18 @@ Variants, all from the same experts of `jobs/testbed.yaml` and the SkillPacks it
 After each step every skill added so far (and `general`) is evaluated on its held-out set.
 final_forgetting[skill] = 100 · (accuracy right after it was added − accuracy at the end), in points.
 
-Writes `benchmarks/results/continual.json`:
-  {"machine", "order", "base_accuracy", "variants": {NAME: {"steps": [{"added", "accuracy": {SKILL: acc}}],
-   "final_forgetting": {SKILL: points}, "final_mean_accuracy": float}}, "best": NAME, "target_met": bool}
-and `continual.png`.
+With several `--job`s (one testbed per seed) every variant runs on each, and the result keeps each final
+accuracy as mean/min/max over the seeds, forgetting at its worst seed, and the target met only if it is met
+on every seed.
 
-    .venv/bin/python benchmarks/continual.py [--job runs/bench-testbed/testbed-s0.yaml] [--protect 0.5] [--density 0.5]
+Writes `benchmarks/results/continual.json`:
+  {"machine", "order", "base_accuracy": {SKILL: {"mean", "min", "max"}},
+   "variants": {NAME: {"final_accuracy": {SKILL: {"mean", "min", "max"}}, "final_mean_accuracy": {...},
+                       "final_forgetting": {SKILL: worst points}, "steps": the first seed's}},
+   "best": NAME, "target_met": bool, "seeds": {SEED: that seed's own result}}
+and `continual.png` (the first seed's curves).
+
+    .venv/bin/python benchmarks/continual.py [--job runs/bench-testbed/testbed-s0.yaml ...] [--protect 0.5] [--density 0.5]
 """
 
 from __future__ import annotations
@@ -79,16 +85,9 @@ def plot(variants: dict, order: list[str], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--job", default=TESTBED_JOB, help="a testbed job; default: the first seed's of benchmarks/testbed.py")
-    ap.add_argument("--out", default="benchmarks/results/continual.json")
-    ap.add_argument("--protect", type=float, default=0.5)
-    ap.add_argument("--density", type=float, default=0.5)
-    args = ap.parse_args()
-    started = time.time()
-
-    tb = load_testbed(args.job)
+def one_seed(job: str, protect: float, density: float) -> dict:
+    """Every variant on one seed's testbed: the accuracy after each step, forgetting, and which variant did best."""
+    tb = load_testbed(job)
     ev = DeltaEvaluator(tb)
     order = tb.skills
     packs = [SkillPack.load(tb.packs[s]) for s in order]
@@ -105,7 +104,7 @@ def main() -> None:
     def step_fns():
         yield "additive", lambda k: state_accuracy(ev, dict(grafted_tensors(reader, packs[:k], [1.0] * k)), seen(k))
         yield "protected", lambda k: state_accuracy(ev, dict(protected_tensors(
-            reader, packs[:k], [tb.scores[s] for s in order[:k]], args.protect, base_scores)), seen(k))
+            reader, packs[:k], [tb.scores[s] for s in order[:k]], protect, base_scores)), seen(k))
 
         def routed(k: int, over: list[SkillPack] = packs) -> dict[str, float]:
             by_class = {s: prompts(s) for s in order[:k]} | {NONE: prompts("general")}
@@ -115,7 +114,7 @@ def main() -> None:
         yield "routed", routed
         small = [small_pack(tb, s) for s in order]
         yield "routed_1_15", lambda k: routed(k, small)
-        yield "ties", lambda k: ev.accuracy(merge_deltas([tb.experts[s] for s in order[:k]], "ties", density=args.density,
+        yield "ties", lambda k: ev.accuracy(merge_deltas([tb.experts[s] for s in order[:k]], "ties", density=density,
                                                          seed=tb.spec.seed), seen(k))
 
     def seen(k: int) -> list[str]:
@@ -126,22 +125,65 @@ def main() -> None:
         steps = []
         for k in range(1, len(order) + 1):
             steps.append({"added": order[k - 1], "accuracy": fn(k)})
-            print(name, json.dumps(steps[-1]), flush=True)
+            print(f"seed {tb.spec.seed}", name, json.dumps(steps[-1]), flush=True)
         final = steps[-1]["accuracy"]
         variants[name] = {"steps": steps, "final_forgetting": forgetting(steps, order),
                           "final_mean_accuracy": sum(final[s] for s in order) / len(order)}
-    variants["protected"]["protect_fraction"] = args.protect
-    variants["ties"]["density"] = args.density
+    variants["protected"]["protect_fraction"] = protect
+    variants["ties"]["density"] = density
     best = max((n for n in variants if n != "ties"), key=lambda n: variants[n]["final_mean_accuracy"])
-    out = {"provenance": provenance([tb.spec.seed], started), "job": str(args.job), "machine": machine(),
-           "order": order, "base_accuracy": base_accuracy, "variants": variants, "best": best,
-           "target_met": max(variants[best]["final_forgetting"].values()) <= 2.0
-           and variants[best]["final_mean_accuracy"] > variants["ties"]["final_mean_accuracy"]}
+    return {"seed": tb.spec.seed, "job": str(job), "order": order, "base_accuracy": base_accuracy, "variants": variants,
+            "best": best, "target_met": met(variants, best)}
+
+
+def met(variants: dict, best: str) -> bool:
+    """The target on one seed: the best variant forgets at most 2 points of any skill and beats TIES."""
+    return (max(variants[best]["final_forgetting"].values()) <= 2.0
+            and variants[best]["final_mean_accuracy"] > variants["ties"]["final_mean_accuracy"])
+
+
+def stat(values: list[float]) -> dict[str, float]:
+    return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+
+
+def over_seeds(runs: list[dict]) -> dict:
+    """The seeds' results side by side: each final accuracy as mean/min/max, forgetting at its worst seed, and the
+    best variant by mean final accuracy, which must meet the target on every seed."""
+    order = runs[0]["order"]
+    variants = {}
+    for name in runs[0]["variants"]:
+        finals = [r["variants"][name]["steps"][-1]["accuracy"] for r in runs]
+        variants[name] = {
+            "final_accuracy": {s: stat([f[s] for f in finals]) for s in [*order, "general"]},
+            "final_mean_accuracy": stat([r["variants"][name]["final_mean_accuracy"] for r in runs]),
+            "final_forgetting": {s: max(r["variants"][name]["final_forgetting"][s] for r in runs) for s in order},
+            "steps": runs[0]["variants"][name]["steps"],  # the first seed's curve, for the figure
+        }
+    best = max((n for n in variants if n != "ties"), key=lambda n: variants[n]["final_mean_accuracy"]["mean"])
+    return {"order": order, "base_accuracy": {s: stat([r["base_accuracy"][s] for r in runs]) for s in [*order, "general"]},
+            "variants": variants, "best": best, "target_met": all(met(r["variants"], best) for r in runs),
+            "seeds": {str(r["seed"]): r for r in runs}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--job", nargs="+", default=[TESTBED_JOB],
+                    help="testbed jobs, one per seed; default: the first seed's of benchmarks/testbed.py")
+    ap.add_argument("--out", default="benchmarks/results/continual.json")
+    ap.add_argument("--protect", type=float, default=0.5)
+    ap.add_argument("--density", type=float, default=0.5)
+    args = ap.parse_args()
+    started = time.time()
+
+    runs = [one_seed(job, args.protect, args.density) for job in args.job]
+    result = over_seeds(runs)
+    out = {"provenance": provenance([r["seed"] for r in runs], started), "job": [str(j) for j in args.job],
+           "machine": machine(), **result}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
-    plot(variants, order, Path(args.out).with_suffix(".png"))
+    plot(result["variants"], result["order"], Path(args.out).with_suffix(".png"))
     print(json.dumps({n: {"final_forgetting": v["final_forgetting"], "final_mean_accuracy": v["final_mean_accuracy"]}
-                      for n, v in variants.items()}, indent=1))
+                      for n, v in result["variants"].items()}, indent=1))
 
 
 if __name__ == "__main__":

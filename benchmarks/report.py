@@ -277,20 +277,40 @@ SKILLPACK_BASELINES = ("full_delta", "magnitude_prune", "task_arithmetic", "ties
 @formatter("skillpack", "SkillPack bytes and accuracy against merges and pruning at the same bytes")
 def skillpack(data: Mapping) -> Lines:
     rows = data.get("rows", [])
+    seeds = data.get("seeds") or {}
     header = ["skill", "method", "bytes ratio", "accuracy", "general", "gain retained"]
+
+    def over(values: list[Any]) -> Any:
+        """The first seed's value alone, or mean [min, max] when the confirming seeds add theirs."""
+        numbers = [v for v in values if _is_number(v)]
+        return spread(sum(numbers) / len(numbers), min(numbers), max(numbers)) if len(numbers) > 1 else values[0]
+
+    def cell(skill: str, method: str, key: str, first: Any) -> Any:
+        return over([first, *(r.get(key) for m in seeds.values() for r in m.get("rows", [])
+                              if r.get("skill") == skill and r.get("method") == method)])
+
     out = []
     for skill, target in sorted(data.get("target", {}).items()):
-        out.append([skill, "base", MISSING, dig(data, ("base_accuracy", skill)), dig(data, ("base_accuracy", "general")), MISSING])
+        base = [over([dig(data, ("base_accuracy", k)), *(dig(m, ("base_accuracy", k)) for m in seeds.values())])
+                for k in (skill, "general")]
+        out.append([skill, "base", MISSING, *base, MISSING])
         for row in rows:
             if row.get("skill") == skill and row.get("method") in SKILLPACK_BASELINES:
-                out.append([skill, row["method"], num(row.get("bytes_ratio"), 4), row.get("accuracy"), row.get("general_accuracy"),
-                            row.get("gain_retained")])
+                m = row["method"]
+                out.append([skill, m, num(row.get("bytes_ratio"), 4), cell(skill, m, "accuracy", row.get("accuracy")),
+                            cell(skill, m, "general_accuracy", row.get("general_accuracy")),
+                            cell(skill, m, "gain_retained", row.get("gain_retained"))])
         best = target.get("best_within_1_15") or {}
+        headline = [target.get(k) if isinstance(target.get(k), Mapping) else best.get(k)
+                    for k in ("accuracy", "general_accuracy", "gain_retained")]  # over seeds when confirmed
         out.append([skill, f"**skillpack, best ≤ 1/15** (met: {num(target.get('met'))})", num(best.get("bytes_ratio"), 4),
-                    best.get("accuracy"), best.get("general_accuracy"), best.get("gain_retained")])
-    lines = [f"{len(rows)} settings measured; per skill, the best SkillPack within 1/15 of the bf16 delta beside the expert "
-             "(`full_delta`), pruning and merges at the same bytes.", ""]
-    return lines + table(header, out)
+                    *headline])
+    lines = [f"{len(rows)} settings measured on the first seed; per skill, the best SkillPack within 1/15 of the bf16 delta "
+             "beside the expert (`full_delta`), pruning and merges at the same bytes."]
+    if seeds:
+        lines[0] += (f" Seeds {', '.join(k for k, _ in by_seed(seeds))} pack that setting again from their own experts; "
+                     "cells are mean [min, max] over all seeds, the bytes ratio the first seed's, and the target must hold on each.")
+    return [*lines, ""] + table(header, out)
 
 
 @formatter("continual", "continual grafting of several packs")
@@ -299,10 +319,13 @@ def continual(data: Mapping) -> Lines:
     base = data.get("base_accuracy", {})
     rows = [["base", *(base.get(s) for s in order), base.get("general"), MISSING, MISSING]]
     for name, v in data.get("variants", {}).items():
-        final = (v.get("steps") or [{}])[-1].get("accuracy", {})
+        final = v.get("final_accuracy") or (v.get("steps") or [{}])[-1].get("accuracy", {})
         forgetting = ", ".join(f"{s} {num(p, 1)}" for s, p in v.get("final_forgetting", {}).items())
         rows.append([name, *(final.get(s) for s in order), final.get("general"), v.get("final_mean_accuracy"), forgetting or MISSING])
-    lines = [f"Skills added in the order {', '.join(order)}; accuracy after the last one. Best: "
+    seeds = data.get("seeds") or {}
+    over = (f" Seeds {', '.join(k for k, _ in by_seed(seeds))}: each accuracy is mean [min, max] over them, forgetting "
+            "the worst seed's, and the target must hold on every seed." if len(seeds) > 1 else "")
+    lines = [f"Skills added in the order {', '.join(order)}; accuracy after the last one.{over} Best: "
              f"{code(str(data.get('best', MISSING)))}; target met: {num(data.get('target_met'))}.", ""]
     return lines + table(["variant", *order, "general", "final mean", "forgetting (points)"], rows)
 

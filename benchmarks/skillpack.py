@@ -15,15 +15,23 @@ For each testbed skill, from the LoRA expert that `jobs/testbed.yaml` trains:
   (6 bytes per kept entry: int32 index + bf16 value), grafted alone;
 - `task_arithmetic`, `ties`, `dare_ties`: the usual way to put the experts in one model, a merge of
   all experts, each sparsified to the reference SkillPack's bytes (density = bytes / (6 · entries)).
-The reference SkillPack is the smallest grid point with bytes ≤ 1/15 of the bf16 delta.
+The reference SkillPack is the best grid point with bytes ≤ 1/15 of the bf16 delta.
+
+With `--confirm JOB ...` (the other seeds' testbed jobs), the reference setting chosen on the first job's
+sweep is packed again from each other seed's expert, beside that seed's `full_delta`, `magnitude_prune` and
+merges at the pack's bytes: the sweep picks the setting on one seed, the others measure it untouched. The
+target holds only if it holds on every seed.
 
 Writes `benchmarks/results/skillpack.json`:
   {"machine", "base_accuracy", "expert_accuracy",
    "rows": [{"skill", "method", "settings", "bytes", "bytes_ratio", "accuracy", "general_accuracy", "gain_retained"}],
-   "target": {SKILL: {"best_within_1_15": row, "met": bool}}}
+   "target": {SKILL: {"best_within_1_15": row, "met": bool, "by_seed": {SEED: {"accuracy", "general_accuracy",
+              "gain_retained", "bytes_ratio", "met"}}, "accuracy": {"mean", "min", "max"}, "gain_retained": {...}}},
+   "seeds": {SEED: {"base_accuracy", "expert_accuracy", "rows"}}}  (the --confirm seeds)
 and `benchmarks/results/skillpack.png` (gain retained against bytes, per skill).
 
     .venv/bin/python benchmarks/skillpack.py [--job runs/bench-testbed/testbed-s0.yaml] [--out benchmarks/results/skillpack.json]
+        [--confirm runs/bench-testbed/testbed-s1.yaml runs/bench-testbed/testbed-s2.yaml]
 """
 
 from __future__ import annotations
@@ -113,6 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", default=TESTBED_JOB, help="a testbed job; default: the first seed's of benchmarks/testbed.py")
     ap.add_argument("--out", default="benchmarks/results/skillpack.json")
+    ap.add_argument("--confirm", nargs="*", default=[], help="other seeds' testbed jobs: the chosen settings measured again")
     args = ap.parse_args()
     started = time.time()
 
@@ -148,12 +157,49 @@ def main() -> None:
         small = [r for r in sk.packed if r["bytes_ratio"] <= TARGET_RATIO]
         smallest = min(sk.packed, key=lambda r: r["bytes"])
         reference[skill] = max(small, key=lambda r: (r["gain_retained"], -r["bytes"])) if small else smallest
-        entries = sum(math.prod(d.shape) for d in sk.deltas.values())
-        density = min(1.0, reference[skill]["bytes"] / (SPARSE_ENTRY_BYTES * entries))
-        pruned = merge_deltas([sk.deltas], "ties", density=density)  # one input: TIES is magnitude pruning
-        sk.row("magnitude_prune", {"density": density}, reference[skill]["bytes"], ev.accuracy(pruned, [skill, "general"]))
-        reference[skill]["density"] = density
+        reference[skill]["density"] = prune_at(sk, reference[skill]["bytes"])
+    merge_rows(tb, ev, base_acc, expert_acc, reference, rows)
 
+    target = {s: {"best_within_1_15": {k: v for k, v in reference[s].items() if k != "density"},
+                  "by_seed": {str(tb.spec.seed): verdict(reference[s])}} for s in tb.skills}
+    seeds: dict[str, dict] = {}
+    for job in args.confirm:
+        seed, measured = confirm(job, {s: reference[s]["settings"] for s in tb.skills})
+        seeds[str(seed)] = measured
+        for s in tb.skills:
+            target[s]["by_seed"][str(seed)] = verdict(measured["reference"][s])
+    for t in target.values():
+        t["met"] = all(v["met"] for v in t["by_seed"].values())
+        for key in ("accuracy", "gain_retained", "general_accuracy"):
+            values = [v[key] for v in t["by_seed"].values()]
+            t[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
+    all_seeds = [tb.spec.seed, *(int(k) for k in seeds)]
+    out = {"provenance": provenance(all_seeds, started), "job": str(args.job), "confirm_jobs": [str(j) for j in args.confirm],
+           "machine": machine(), "base_accuracy": base_acc, "expert_accuracy": expert_acc, "rows": rows, "target": target,
+           "seeds": {k: {key: v for key, v in m.items() if key != "reference"} for k, m in seeds.items()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    plot(out, Path(args.out).with_suffix(".png"))
+    print(json.dumps(target, indent=1))
+
+
+def verdict(row: dict) -> dict:
+    """One seed's reference pack against the target: within 1/15 of the bf16 delta and ≥ 95% of the gain."""
+    return {"accuracy": row["accuracy"], "general_accuracy": row["general_accuracy"], "gain_retained": row["gain_retained"],
+            "bytes_ratio": row["bytes_ratio"], "met": row["bytes_ratio"] <= TARGET_RATIO and row["gain_retained"] >= 0.95}
+
+
+def prune_at(sk: SkillRows, nbytes: int) -> float:
+    """The `magnitude_prune` row at `nbytes` (6 bytes a kept entry); returns the density it kept."""
+    entries = sum(math.prod(d.shape) for d in sk.deltas.values())
+    density = min(1.0, nbytes / (SPARSE_ENTRY_BYTES * entries))
+    pruned = merge_deltas([sk.deltas], "ties", density=density)  # one input: TIES is magnitude pruning
+    sk.row("magnitude_prune", {"density": density}, nbytes, sk.ev.accuracy(pruned, [sk.skill, "general"]))
+    return density
+
+
+def merge_rows(tb, ev: DeltaEvaluator, base_acc: dict, expert_acc: dict, reference: dict[str, dict], rows: list[dict]) -> None:
+    """`task_arithmetic`, `ties`, `dare_ties` of all experts, each sparsified to its reference pack's bytes."""
     experts = [tb.experts[s] for s in tb.skills]
     for method, extra in MERGES.items():
         densities = [reference[s]["density"] for s in tb.skills]
@@ -169,14 +215,28 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
 
-    target = {s: {"best_within_1_15": {k: v for k, v in reference[s].items() if k != "density"},
-                  "met": reference[s]["bytes_ratio"] <= TARGET_RATIO and reference[s]["gain_retained"] >= 0.95} for s in tb.skills}
-    out = {"provenance": provenance([tb.spec.seed], started), "job": str(args.job), "machine": machine(), "base_accuracy": base_acc,
-           "expert_accuracy": expert_acc, "rows": rows, "target": target}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
-    plot(out, Path(args.out).with_suffix(".png"))
-    print(json.dumps(target, indent=1))
+
+def confirm(job: str, settings: dict[str, dict]) -> tuple[int, dict]:
+    """Another seed's testbed: each skill's chosen setting packed from that seed's expert, and its baselines."""
+    tb = load_testbed(job)
+    ev = DeltaEvaluator(tb)
+    reader = CheckpointReader(tb.base)
+    base_acc = ev.accuracy(None, [*tb.skills, "general"])
+    rows: list[dict] = []
+    expert_acc: dict[str, dict[str, float]] = {}
+    reference: dict[str, dict] = {}
+    for skill in tb.skills:
+        sk = SkillRows(tb, ev, reader, skill, base_acc, rows)
+        expert_acc[skill] = sk.expert_acc
+        sk.row("full_delta", {"lora_rank": next(iter(sk.deltas.values())).A.shape[0]}, sk.bf16, sk.expert_acc)
+        chosen = settings[skill]
+        st = PackSettings(bits=tuple(chosen["bits"]), band_fractions=tuple(chosen["band_fractions"]), budget=chosen["budget"],
+                          allocation=chosen["allocation"], quantizer=chosen["quantizer"], weighted_svd=chosen["weighted_svd"])
+        reference[skill] = sk.pack(st, chosen["min_importance_share"], chosen["tune_steps"])
+        reference[skill]["density"] = prune_at(sk, reference[skill]["bytes"])
+    merge_rows(tb, ev, base_acc, expert_acc, reference, rows)
+    return tb.spec.seed, {"job": str(job), "base_accuracy": base_acc, "expert_accuracy": expert_acc, "rows": rows,
+                          "reference": reference}
 
 
 def plot(out: dict, path: Path) -> None:
