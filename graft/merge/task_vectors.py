@@ -72,18 +72,14 @@ class _Mix:
     consensus: bool
     normalize: bool
     lam: float
-    dtype: torch.dtype
+    plain_divisor: float  # Σ weight_i in the compute dtype (1 if it is about 0): `normalize` without consensus
 
     @staticmethod
     def of(task: TensorTask, consensus: bool, scales: list[float], dtype: torch.dtype) -> "_Mix":
         weights = [float(p["weight"]) for p in task.model_params]
-        return _Mix(weights, scales, consensus, bool(task.params["normalize"]), float(task.params["lambda"]), dtype)
-
-    @property
-    def plain_divisor(self) -> float:
-        """Σ weight_i (1 if it is about 0), in the compute dtype: `normalize` without consensus."""
-        weight = torch.tensor(self.weights, dtype=self.dtype).sum().item()
-        return 1.0 if abs(weight) < 1e-8 else weight
+        weight = torch.tensor(weights, dtype=dtype).sum().item()
+        return _Mix(weights, scales, consensus, bool(task.params["normalize"]), float(task.params["lambda"]),
+                    1.0 if abs(weight) < 1e-8 else weight)
 
     def total(self, deltas: list[torch.Tensor], keeps: list[torch.Tensor | None]) -> torch.Tensor:
         """λ · the combined deltas at some entries (the deltas are modified in place). Elementwise,
