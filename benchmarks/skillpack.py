@@ -38,12 +38,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -125,49 +128,18 @@ def main() -> None:
     args = ap.parse_args()
     started = time.time()
 
-    tb = load_testbed(args.job)
-    ev = DeltaEvaluator(tb)
-    reader = CheckpointReader(tb.base)
-    base_acc = ev.accuracy(None, [*tb.skills, "general"])
-    rows: list[dict] = []
-    expert_acc: dict[str, dict[str, float]] = {}
-    reference: dict[str, dict] = {}
-    for skill in tb.skills:
-        sk = SkillRows(tb, ev, reader, skill, base_acc, rows)
-        expert_acc[skill] = sk.expert_acc
-        sk.row("full_delta", {"lora_rank": next(iter(sk.deltas.values())).A.shape[0]}, sk.bf16, sk.expert_acc)
-        for energy, (bits, bands), min_share in itertools.product(ENERGIES, BITS, MIN_SHARES):
-            sk.pack(PackSettings(energy=energy, bits=bits, band_fractions=bands), min_share)
-        for energy, (bits, bands) in itertools.product(ENERGIES, WEIGHTED):
-            sk.pack(PackSettings(energy=energy, bits=bits, band_fractions=bands, weighted_svd=True))
-        budgeted = {}
-        for (bits, bands), allocation, quantizer in itertools.product(BUDGET_BITS, ALLOCATIONS, QUANTIZERS):
-            st = PackSettings(bits=bits, band_fractions=bands, budget=TARGET_RATIO, allocation=allocation, quantizer=quantizer)
-            budgeted[st] = sk.pack(st)["gain_retained"]
-        best = max(budgeted, key=budgeted.get)
-        for budget in CURVE:
-            sk.pack(dataclasses.replace(best, budget=budget))
-        tuned = {}
-        for (bits, bands), quantizer in itertools.product(BUDGET_BITS, QUANTIZERS):
-            st = PackSettings(bits=bits, band_fractions=bands, budget=TARGET_RATIO, allocation="energy_importance", quantizer=quantizer)
-            tuned[st] = sk.pack(st, tune_steps=TUNE_STEPS)["gain_retained"]
-        best = max(tuned, key=tuned.get)
-        for budget in CURVE:
-            sk.pack(dataclasses.replace(best, budget=budget), tune_steps=TUNE_STEPS)
-        small = [r for r in sk.packed if r["bytes_ratio"] <= TARGET_RATIO]
-        smallest = min(sk.packed, key=lambda r: r["bytes"])
-        reference[skill] = max(small, key=lambda r: (r["gain_retained"], -r["bytes"])) if small else smallest
-        reference[skill]["density"] = prune_at(sk, reference[skill]["bytes"])
-    merge_rows(tb, ev, base_acc, expert_acc, reference, rows)
+    first = run_seed(args.job, sweep)
+    tb, rows, base_acc, expert_acc, reference = first.tb, first.rows, first.base_acc, first.expert_acc, first.reference
 
     target = {s: {"best_within_1_15": {k: v for k, v in reference[s].items() if k != "density"},
                   "by_seed": {str(tb.spec.seed): verdict(reference[s])}} for s in tb.skills}
     seeds: dict[str, dict] = {}
     for job in args.confirm:
-        seed, measured = confirm(job, {s: reference[s]["settings"] for s in tb.skills})
-        seeds[str(seed)] = measured
+        other = run_seed(job, functools.partial(chosen, {s: reference[s]["settings"] for s in tb.skills}))
+        seeds[str(other.tb.spec.seed)] = {"job": str(job), "base_accuracy": other.base_acc,
+                                          "expert_accuracy": other.expert_acc, "rows": other.rows}
         for s in tb.skills:
-            target[s]["by_seed"][str(seed)] = verdict(measured["reference"][s])
+            target[s]["by_seed"][str(other.tb.spec.seed)] = verdict(other.reference[s])
     for t in target.values():
         t["met"] = all(v["met"] for v in t["by_seed"].values())
         for key in ("accuracy", "gain_retained", "general_accuracy"):
@@ -176,7 +148,7 @@ def main() -> None:
     all_seeds = [tb.spec.seed, *(int(k) for k in seeds)]
     out = {"provenance": provenance(all_seeds, started), "job": str(args.job), "confirm_jobs": [str(j) for j in args.confirm],
            "machine": machine(), "base_accuracy": base_acc, "expert_accuracy": expert_acc, "rows": rows, "target": target,
-           "seeds": {k: {key: v for key, v in m.items() if key != "reference"} for k, m in seeds.items()}}
+           "seeds": seeds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     plot(out, Path(args.out).with_suffix(".png"))
@@ -216,27 +188,65 @@ def merge_rows(tb, ev: DeltaEvaluator, base_acc: dict, expert_acc: dict, referen
             print(json.dumps(r), flush=True)
 
 
-def confirm(job: str, settings: dict[str, dict]) -> tuple[int, dict]:
-    """Another seed's testbed: each skill's chosen setting packed from that seed's expert, and its baselines."""
+@dataclasses.dataclass
+class SeedRun:
+    """One seed's testbed measured: every row, and per skill the reference pack (with the density it prunes to)."""
+
+    tb: Any
+    rows: list[dict]
+    base_acc: dict[str, float]
+    expert_acc: dict[str, dict[str, float]]
+    reference: dict[str, dict]
+
+
+def run_seed(job: str, pick: Callable[[SkillRows], dict]) -> SeedRun:
+    """Each skill's expert (`full_delta`), the packs `pick` makes (returning the reference one), magnitude pruning at
+    the reference's bytes, then the merges of all experts at those bytes."""
     tb = load_testbed(job)
     ev = DeltaEvaluator(tb)
     reader = CheckpointReader(tb.base)
-    base_acc = ev.accuracy(None, [*tb.skills, "general"])
-    rows: list[dict] = []
-    expert_acc: dict[str, dict[str, float]] = {}
-    reference: dict[str, dict] = {}
+    run = SeedRun(tb, [], ev.accuracy(None, [*tb.skills, "general"]), {}, {})
     for skill in tb.skills:
-        sk = SkillRows(tb, ev, reader, skill, base_acc, rows)
-        expert_acc[skill] = sk.expert_acc
+        sk = SkillRows(tb, ev, reader, skill, run.base_acc, run.rows)
+        run.expert_acc[skill] = sk.expert_acc
         sk.row("full_delta", {"lora_rank": next(iter(sk.deltas.values())).A.shape[0]}, sk.bf16, sk.expert_acc)
-        chosen = settings[skill]
-        st = PackSettings(bits=tuple(chosen["bits"]), band_fractions=tuple(chosen["band_fractions"]), budget=chosen["budget"],
-                          allocation=chosen["allocation"], quantizer=chosen["quantizer"], weighted_svd=chosen["weighted_svd"])
-        reference[skill] = sk.pack(st, chosen["min_importance_share"], chosen["tune_steps"])
-        reference[skill]["density"] = prune_at(sk, reference[skill]["bytes"])
-    merge_rows(tb, ev, base_acc, expert_acc, reference, rows)
-    return tb.spec.seed, {"job": str(job), "base_accuracy": base_acc, "expert_accuracy": expert_acc, "rows": rows,
-                          "reference": reference}
+        run.reference[skill] = pick(sk)
+        run.reference[skill]["density"] = prune_at(sk, run.reference[skill]["bytes"])
+    merge_rows(tb, ev, run.base_acc, run.expert_acc, run.reference, run.rows)
+    return run
+
+
+def sweep(sk: SkillRows) -> dict:
+    """The first seed's grid; the reference is the best pack within 1/15 of the bf16 delta (else the smallest)."""
+    for energy, (bits, bands), min_share in itertools.product(ENERGIES, BITS, MIN_SHARES):
+        sk.pack(PackSettings(energy=energy, bits=bits, band_fractions=bands), min_share)
+    for energy, (bits, bands) in itertools.product(ENERGIES, WEIGHTED):
+        sk.pack(PackSettings(energy=energy, bits=bits, band_fractions=bands, weighted_svd=True))
+    budgeted = {}
+    for (bits, bands), allocation, quantizer in itertools.product(BUDGET_BITS, ALLOCATIONS, QUANTIZERS):
+        st = PackSettings(bits=bits, band_fractions=bands, budget=TARGET_RATIO, allocation=allocation, quantizer=quantizer)
+        budgeted[st] = sk.pack(st)["gain_retained"]
+    best = max(budgeted, key=budgeted.get)
+    for budget in CURVE:
+        sk.pack(dataclasses.replace(best, budget=budget))
+    tuned = {}
+    for (bits, bands), quantizer in itertools.product(BUDGET_BITS, QUANTIZERS):
+        st = PackSettings(bits=bits, band_fractions=bands, budget=TARGET_RATIO, allocation="energy_importance", quantizer=quantizer)
+        tuned[st] = sk.pack(st, tune_steps=TUNE_STEPS)["gain_retained"]
+    best = max(tuned, key=tuned.get)
+    for budget in CURVE:
+        sk.pack(dataclasses.replace(best, budget=budget), tune_steps=TUNE_STEPS)
+    small = [r for r in sk.packed if r["bytes_ratio"] <= TARGET_RATIO]
+    smallest = min(sk.packed, key=lambda r: r["bytes"])
+    return max(small, key=lambda r: (r["gain_retained"], -r["bytes"])) if small else smallest
+
+
+def chosen(settings: dict[str, dict], sk: SkillRows) -> dict:
+    """Another seed: the setting the first seed's sweep chose for this skill, packed from this seed's expert."""
+    c = settings[sk.skill]
+    st = PackSettings(bits=tuple(c["bits"]), band_fractions=tuple(c["band_fractions"]), budget=c["budget"],
+                      allocation=c["allocation"], quantizer=c["quantizer"], weighted_svd=c["weighted_svd"])
+    return sk.pack(st, c["min_importance_share"], c["tune_steps"])
 
 
 def plot(out: dict, path: Path) -> None:
