@@ -305,11 +305,24 @@ def skillpack(data: Mapping) -> Lines:
                     for k in ("accuracy", "general_accuracy", "gain_retained")]  # over seeds when confirmed
         out.append([skill, f"**skillpack, best ≤ 1/15** (met: {num(target.get('met'))})", num(best.get("bytes_ratio"), 4),
                     *headline])
-    lines = [f"{len(rows)} settings measured on the first seed; per skill, the best SkillPack within 1/15 of the bf16 delta "
+    packs = sum(1 for r in rows if r.get("method") == "skillpack")
+    lines = [f"{packs} settings measured on the first seed; per skill, the chosen SkillPack within 1/15 of the bf16 delta "
              "beside the expert (`full_delta`), pruning and merges at the same bytes."]
+    role = {k: m.get("role", "held_out") for k, m in seeds.items()}
+    selecting = [k for k, _ in by_seed(seeds) if role[k] == "select"]
+    held_out = [k for k, _ in by_seed(seeds) if role[k] == "held_out"]
+    if selecting:
+        lines[0] += (f" Seed{'s' if len(selecting) > 1 else ''} {', '.join(selecting)} measured the first seed's best packs "
+                     "too, and the setting is the one whose worst seed keeps the most gain.")
+    if held_out:
+        lines[0] += (f" Held-out seed{'s' if len(held_out) > 1 else ''} {', '.join(held_out)} pack the chosen setting from "
+                     "their own experts, untouched.")
     if seeds:
-        lines[0] += (f" Seeds {', '.join(k for k, _ in by_seed(seeds))} pack that setting again from their own experts; "
-                     "cells are mean [min, max] over all seeds, the bytes ratio the first seed's, and the target must hold on each.")
+        lines[0] += " Cells are mean [min, max] over all seeds, the bytes ratio the first seed's; the target must hold on each."
+    verdicts = [f"{skill}: met on every seed {num(t.get('met'))}, on the held-out seeds {num(t.get('met_held_out'))}"
+                for skill, t in sorted(data.get("target", {}).items()) if "met_held_out" in t]
+    if verdicts:
+        lines += ["", "; ".join(verdicts) + "."]
     return [*lines, ""] + table(header, out)
 
 

@@ -15,38 +15,37 @@ For each testbed skill, from the LoRA expert that `jobs/testbed.yaml` trains:
   (6 bytes per kept entry: int32 index + bf16 value), grafted alone;
 - `task_arithmetic`, `ties`, `dare_ties`: the usual way to put the experts in one model, a merge of
   all experts, each sparsified to the reference SkillPack's bytes (density = bytes / (6 · entries)).
-The reference SkillPack is the best grid point with bytes ≤ 1/15 of the bf16 delta.
-
-With `--confirm JOB ...` (the other seeds' testbed jobs), the reference setting chosen on the first job's
-sweep is packed again from each other seed's expert, beside that seed's `full_delta`, `magnitude_prune` and
-merges at the pack's bytes: the sweep picks the setting on one seed, the others measure it untouched. The
-target holds only if it holds on every seed.
+The first seed's sweep shortlists its 6 best packs within 1/15 of the bf16 delta (by gain retained, then bytes).
+With `--select JOB ...` (other seeds' testbed jobs) each of those settings is packed again from those seeds' experts,
+and the reference setting is the one whose worst selecting seed keeps the most gain (then fewer bytes): a setting
+chosen on one seed overfits it, most at the smallest budgets. With `--confirm JOB ...` (held-out seeds) the chosen
+setting is packed from each held-out seed's expert untouched. Every seed then measures its `magnitude_prune` and the
+merges at its reference pack's bytes. The target holds only if it holds on every seed; `met_held_out` says whether it
+held on the seeds the choice never saw.
 
 Writes `benchmarks/results/skillpack.json`:
   {"machine", "base_accuracy", "expert_accuracy",
    "rows": [{"skill", "method", "settings", "bytes", "bytes_ratio", "accuracy", "general_accuracy", "gain_retained"}],
-   "target": {SKILL: {"best_within_1_15": row, "met": bool, "by_seed": {SEED: {"accuracy", "general_accuracy",
-              "gain_retained", "bytes_ratio", "met"}}, "accuracy": {"mean", "min", "max"}, "gain_retained": {...}}},
-   "seeds": {SEED: {"base_accuracy", "expert_accuracy", "rows"}}}  (the --confirm seeds)
+   "target": {SKILL: {"best_within_1_15": row, "chosen_by", "candidates": [{"settings", "gain_retained_by_seed"}],
+              "met": bool, "met_held_out": bool | null, "by_seed": {SEED: {"accuracy", "general_accuracy",
+              "gain_retained", "bytes_ratio", "met", "role"}}, "accuracy": {"mean", "min", "max"}, "gain_retained": {...}}},
+   "seeds": {SEED: {"job", "role", "base_accuracy", "expert_accuracy", "rows"}}}  (the --select and --confirm seeds)
 and `benchmarks/results/skillpack.png` (gain retained against bytes, per skill).
 
     .venv/bin/python benchmarks/skillpack.py [--job runs/bench-testbed/testbed-s0.yaml] [--out benchmarks/results/skillpack.json]
-        [--confirm runs/bench-testbed/testbed-s1.yaml runs/bench-testbed/testbed-s2.yaml]
+        [--select runs/bench-testbed/testbed-s1.yaml] [--confirm runs/bench-testbed/testbed-s2.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import itertools
 import json
 import math
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -74,6 +73,7 @@ CURVE = (1 / 25, 1 / 20, 1 / 12, 1 / 10, 1 / 8)  # budgets the best 1/15 budget 
 TUNE_STEPS = 40  # grid tuning passes (graft.grid_tuning) for the tuned budget rows
 SPARSE_ENTRY_BYTES = 6
 MERGES = {"task_arithmetic": {}, "ties": {}, "dare_ties": {}}
+SHORTLIST = 6  # the first seed's best packs within 1/15 that the selecting seeds measure too
 
 
 def gain(acc: float, base: float, expert: float) -> float:
@@ -119,36 +119,71 @@ class SkillRows:
         self.packed.append(r)
         return r
 
+    def find(self, described: dict) -> dict:
+        """The pack row made with these settings (as `pack` describes them; `tensors` follows from the rest)."""
+        same = [r for r in self.packed if _setting(r["settings"]) == _setting(described)]
+        if not same:
+            raise KeyError(f"{self.skill}: no pack with settings {described}")
+        return same[0]
+
+    def pack_described(self, described: dict) -> dict:
+        """The pack row for settings as `pack` describes them (another seed's), packed here unless it already was."""
+        try:
+            return self.find(described)
+        except KeyError:
+            fields = {f.name for f in dataclasses.fields(PackSettings)}
+            settings = PackSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in described.items() if k in fields})
+            return self.pack(settings, described["min_importance_share"], described["tune_steps"])
+
+
+def _setting(described: dict) -> dict:
+    return {k: v for k, v in described.items() if k != "tensors"}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--job", default=TESTBED_JOB, help="a testbed job; default: the first seed's of benchmarks/testbed.py")
     ap.add_argument("--out", default="benchmarks/results/skillpack.json")
-    ap.add_argument("--confirm", nargs="*", default=[], help="other seeds' testbed jobs: the chosen settings measured again")
+    ap.add_argument("--select", nargs="*", default=[],
+                    help="other seeds' testbed jobs that measure the first seed's shortlist: the setting is chosen by its worst seed")
+    ap.add_argument("--confirm", nargs="*", default=[], help="held-out seeds' testbed jobs: the chosen settings measured untouched")
     args = ap.parse_args()
     started = time.time()
 
-    first = run_seed(args.job, sweep)
-    tb, rows, base_acc, expert_acc, reference = first.tb, first.rows, first.base_acc, first.expert_acc, first.reference
+    first = SeedRun(args.job, "sweep")
+    for sk in first.skills.values():
+        sweep(sk)
+    selecting = [first, *(SeedRun(job, "select") for job in args.select)]
+    shortlists = {s: shortlist(sk) for s, sk in first.skills.items()}
+    for run in selecting[1:]:
+        for s, sk in run.skills.items():
+            for settings in shortlists[s]:
+                sk.pack_described(settings)
+    chosen = {s: choose(s, shortlists[s], selecting) for s in first.skills}
+    runs = [*selecting, *(SeedRun(job, "held_out") for job in args.confirm)]
+    for run in runs:
+        run.settle(chosen)
 
-    target = {s: {"best_within_1_15": {k: v for k, v in reference[s].items() if k != "density"},
-                  "by_seed": {str(tb.spec.seed): verdict(reference[s])}} for s in tb.skills}
-    seeds: dict[str, dict] = {}
-    for job in args.confirm:
-        other = run_seed(job, functools.partial(chosen, {s: reference[s]["settings"] for s in tb.skills}))
-        seeds[str(other.tb.spec.seed)] = {"job": str(job), "base_accuracy": other.base_acc,
-                                          "expert_accuracy": other.expert_acc, "rows": other.rows}
-        for s in tb.skills:
-            target[s]["by_seed"][str(other.tb.spec.seed)] = verdict(other.reference[s])
-    for t in target.values():
+    target = {}
+    for s in first.skills:
+        t = target[s] = {"best_within_1_15": {k: v for k, v in first.reference[s].items() if k != "density"},
+                         "chosen_by": f"worst gain retained over seeds {[r.seed for r in selecting]} among the first seed's "
+                                      f"{len(shortlists[s])} best packs within 1/15",
+                         "candidates": [{"settings": c, "gain_retained_by_seed": {str(r.seed): r.skills[s].find(c)["gain_retained"]
+                                                                                  for r in selecting}} for c in shortlists[s]],
+                         "by_seed": {str(r.seed): {**verdict(r.reference[s]), "role": r.role} for r in runs}}
         t["met"] = all(v["met"] for v in t["by_seed"].values())
+        held_out = [v["met"] for v in t["by_seed"].values() if v["role"] == "held_out"]
+        t["met_held_out"] = all(held_out) if held_out else None
         for key in ("accuracy", "gain_retained", "general_accuracy"):
             values = [v[key] for v in t["by_seed"].values()]
             t[key] = {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
-    all_seeds = [tb.spec.seed, *(int(k) for k in seeds)]
-    out = {"provenance": provenance(all_seeds, started), "job": str(args.job), "confirm_jobs": [str(j) for j in args.confirm],
-           "machine": machine(), "base_accuracy": base_acc, "expert_accuracy": expert_acc, "rows": rows, "target": target,
-           "seeds": seeds}
+    seeds = {str(r.seed): {"job": str(r.job), "role": r.role, "base_accuracy": r.base_acc, "expert_accuracy": r.expert_acc,
+                           "rows": r.rows} for r in runs[1:]}
+    out = {"provenance": provenance([r.seed for r in runs], started), "job": str(args.job),
+           "select_jobs": [str(j) for j in args.select], "confirm_jobs": [str(j) for j in args.confirm],
+           "machine": machine(), "base_accuracy": first.base_acc, "expert_accuracy": first.expert_acc, "rows": first.rows,
+           "target": target, "seeds": seeds}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     plot(out, Path(args.out).with_suffix(".png"))
@@ -188,36 +223,38 @@ def merge_rows(tb, ev: DeltaEvaluator, base_acc: dict, expert_acc: dict, referen
             print(json.dumps(r), flush=True)
 
 
-@dataclasses.dataclass
 class SeedRun:
-    """One seed's testbed measured: every row, and per skill the reference pack (with the density it prunes to)."""
+    """One seed's testbed measured: per skill the expert's row (`full_delta`) first, then packs, then (`settle`) the
+    chosen pack with magnitude pruning at its bytes and the merges of all experts at those bytes.
 
-    tb: Any
-    rows: list[dict]
-    base_acc: dict[str, float]
-    expert_acc: dict[str, dict[str, float]]
-    reference: dict[str, dict]
+    `role` says what the seed did: `sweep` (its grid chose the shortlist), `select` (measured the shortlist, so the
+    choice saw it) or `held_out` (measured the chosen setting only).
+    """
+
+    def __init__(self, job: str, role: str) -> None:
+        self.job, self.role = job, role
+        self.tb = load_testbed(job)
+        self.seed = self.tb.spec.seed
+        self.ev = DeltaEvaluator(self.tb)
+        reader = CheckpointReader(self.tb.base)
+        self.rows: list[dict] = []
+        self.base_acc = self.ev.accuracy(None, [*self.tb.skills, "general"])
+        self.skills = {s: SkillRows(self.tb, self.ev, reader, s, self.base_acc, self.rows) for s in self.tb.skills}
+        self.expert_acc = {s: sk.expert_acc for s, sk in self.skills.items()}
+        for sk in self.skills.values():
+            sk.row("full_delta", {"lora_rank": next(iter(sk.deltas.values())).A.shape[0]}, sk.bf16, sk.expert_acc)
+        self.reference: dict[str, dict] = {}
+
+    def settle(self, chosen: dict[str, dict]) -> None:
+        """Each skill's chosen pack (packed here unless it already was), pruning at its bytes, then the merges."""
+        for s, sk in self.skills.items():
+            self.reference[s] = {**sk.pack_described(chosen[s]), "density": None}
+            self.reference[s]["density"] = prune_at(sk, self.reference[s]["bytes"])
+        merge_rows(self.tb, self.ev, self.base_acc, self.expert_acc, self.reference, self.rows)
 
 
-def run_seed(job: str, pick: Callable[[SkillRows], dict]) -> SeedRun:
-    """Each skill's expert (`full_delta`), the packs `pick` makes (returning the reference one), magnitude pruning at
-    the reference's bytes, then the merges of all experts at those bytes."""
-    tb = load_testbed(job)
-    ev = DeltaEvaluator(tb)
-    reader = CheckpointReader(tb.base)
-    run = SeedRun(tb, [], ev.accuracy(None, [*tb.skills, "general"]), {}, {})
-    for skill in tb.skills:
-        sk = SkillRows(tb, ev, reader, skill, run.base_acc, run.rows)
-        run.expert_acc[skill] = sk.expert_acc
-        sk.row("full_delta", {"lora_rank": next(iter(sk.deltas.values())).A.shape[0]}, sk.bf16, sk.expert_acc)
-        run.reference[skill] = pick(sk)
-        run.reference[skill]["density"] = prune_at(sk, run.reference[skill]["bytes"])
-    merge_rows(tb, ev, run.base_acc, run.expert_acc, run.reference, run.rows)
-    return run
-
-
-def sweep(sk: SkillRows) -> dict:
-    """The first seed's grid; the reference is the best pack within 1/15 of the bf16 delta (else the smallest)."""
+def sweep(sk: SkillRows) -> None:
+    """The first seed's grid: the energy rule, the budget rule at 1/15, and the best of each at the other budgets."""
     for energy, (bits, bands), min_share in itertools.product(ENERGIES, BITS, MIN_SHARES):
         sk.pack(PackSettings(energy=energy, bits=bits, band_fractions=bands), min_share)
     for energy, (bits, bands) in itertools.product(ENERGIES, WEIGHTED):
@@ -236,17 +273,22 @@ def sweep(sk: SkillRows) -> dict:
     best = max(tuned, key=tuned.get)
     for budget in CURVE:
         sk.pack(dataclasses.replace(best, budget=budget), tune_steps=TUNE_STEPS)
-    small = [r for r in sk.packed if r["bytes_ratio"] <= TARGET_RATIO]
-    smallest = min(sk.packed, key=lambda r: r["bytes"])
-    return max(small, key=lambda r: (r["gain_retained"], -r["bytes"])) if small else smallest
 
 
-def chosen(settings: dict[str, dict], sk: SkillRows) -> dict:
-    """Another seed: the setting the first seed's sweep chose for this skill, packed from this seed's expert."""
-    c = settings[sk.skill]
-    st = PackSettings(bits=tuple(c["bits"]), band_fractions=tuple(c["band_fractions"]), budget=c["budget"],
-                      allocation=c["allocation"], quantizer=c["quantizer"], weighted_svd=c["weighted_svd"])
-    return sk.pack(st, c["min_importance_share"], c["tune_steps"])
+def shortlist(sk: SkillRows) -> list[dict]:
+    """The first seed's `SHORTLIST` best packs within 1/15 of the bf16 delta, by gain retained, then fewer bytes
+    (the smallest pack alone when none is that small): the settings the selecting seeds measure too."""
+    small = sorted((r for r in sk.packed if r["bytes_ratio"] <= TARGET_RATIO), key=lambda r: (-r["gain_retained"], r["bytes"]))
+    return [r["settings"] for r in small[:SHORTLIST]] or [min(sk.packed, key=lambda r: r["bytes"])["settings"]]
+
+
+def choose(skill: str, candidates: list[dict], runs: list[SeedRun]) -> dict:
+    """The candidate whose worst seed keeps the most gain (a gain above 1 counts as 1: beyond the expert is noise),
+    then the one with fewer bytes on average."""
+    def worth(c: dict) -> tuple[float, float]:
+        found = [run.skills[skill].find(c) for run in runs]
+        return min(1.0, *(r["gain_retained"] for r in found)), -sum(r["bytes"] for r in found) / len(found)
+    return max(candidates, key=worth)
 
 
 def plot(out: dict, path: Path) -> None:
