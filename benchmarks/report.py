@@ -153,6 +153,8 @@ TRANSFER_VARIANTS = (
     ("pack_1_30", "its SkillPack at 1/30"),
     ("distilled_lora", "transfer: LoRA on distilled answers"),
     ("lora_pack_1_15", "its SkillPack at 1/15"),
+    ("distilled_dpo", "transfer: full SFT, then DPO where it still errs"),
+    ("dpo_pack_1_15", "its SkillPack at 1/15"),
 )
 
 

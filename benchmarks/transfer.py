@@ -9,14 +9,17 @@ the skill), the pipeline runs these variants of `jobs/transfer.yaml`, reusing ev
   (3-bit GPTQ, importance-aware ranks, grids tuned 40 passes), grafted into the base;
 - `distilled_lora`: the same distilled data, a LoRA expert (rank 16) instead, and `lora_pack_1_15`: its
   SkillPack at 1/15 of its own bf16 delta (the same pack settings), grafted;
+- `distilled_dpo`, `dpo_pack_1_15`: the transfer-dpo recipe (`jobs/transfer_dpo.yaml`'s `dpo` section): the
+  full-SFT target trained on with DPO where it still answers a training prompt otherwise than the source
+  (source's answer chosen, its own rejected), and that delta's SkillPack at 1/15;
 - `gold_full`: for reference, the graft recipe: full SFT on the gold answers, no source;
 - `source`, `target_base`: the source and the bare base.
 Every variant is scored by held-out exact match on the skill and on `general` (what the graft cost).
 
 Writes `benchmarks/results/transfer.json`:
   {"provenance", "rows": [{"skill", "source", "target_base", "distilled_lora", "lora_pack_1_15", "distilled_full", "pack_1_15",
-   "pack_1_30", "gold_full", "general": {VARIANT: float}, "pack_1_15_bytes_ratio", "pack_1_30_bytes_ratio",
-   "seeds": {SEED: {...the same, per seed..., "distill": {...}}}}], "target": {...}}
+   "pack_1_30", "distilled_dpo", "dpo_pack_1_15", "gold_full", "general": {VARIANT: float}, "pack_1_15_bytes_ratio",
+   "pack_1_30_bytes_ratio", "seeds": {SEED: {...the same, per seed..., "distill": {...}, "dpo": {...}}}}], "target": {...}}
 (accuracies 0..1, means over seeds) and `benchmarks/results/transfer.png`.
 
     .venv/bin/python benchmarks/transfer.py [--seeds 0 1] [--output-dir runs/bench-transfer]
@@ -35,13 +38,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from seeded import run_seeds, seed_job, write_job  # noqa: E402
 
 from graft.data import read_jsonl  # noqa: E402
-from pipelines.artifacts import Datasets, Models, Packs, Report  # noqa: E402
+from graft.strict_yaml import load_yaml  # noqa: E402
+from pipelines.artifacts import Datasets, Experts, Models, Packs, Report  # noqa: E402
 from pipelines.driver import run_job  # noqa: E402
 from pipelines.spec import load_job  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "jobs" / "transfer.yaml"
-VARIANTS = ("source", "target_base", "distilled_lora", "lora_pack_1_15", "distilled_full", "pack_1_15", "pack_1_30", "gold_full")
+DPO_JOB = REPO / "jobs" / "transfer_dpo.yaml"  # its `dpo` section is the DPO variant's
+VARIANTS = ("source", "target_base", "distilled_lora", "lora_pack_1_15", "distilled_full", "pack_1_15", "pack_1_30",
+            "distilled_dpo", "dpo_pack_1_15", "gold_full")
 LORA = {"method": "lora", "lr": 0.01, "lora": {"rank": 16, "alpha": 32}}
 
 
@@ -52,10 +58,13 @@ def variant_jobs(base: dict, seed: int, output_dir: Path) -> dict[str, dict]:
     at_1_30["pack"] = {**job["pack"], "budget": round(1 / 30, 4)}
     lora = copy.deepcopy(job)
     lora["train"] = {**job["train"], **LORA}
+    dpo = copy.deepcopy(job)
+    dpo["recipe"] = "transfer-dpo"
+    dpo["dpo"] = load_yaml(DPO_JOB.read_text())["dpo"]
     gold = copy.deepcopy(job)
     gold["recipe"] = "graft"
     del gold["distill"]
-    return {"full_1_15": job, "full_1_30": at_1_30, "lora": lora, "gold": gold}
+    return {"full_1_15": job, "full_1_30": at_1_30, "lora": lora, "dpo": dpo, "gold": gold}
 
 
 def run_variant(job: dict, folder: Path, name: str):
@@ -97,13 +106,16 @@ def one_seed(base: dict, seed: int, output_dir: Path) -> dict[str, dict]:
             "distilled_full": tables["full_1_15"][f"expert-{skill}"],
             "pack_1_15": tables["full_1_15"]["grafted"],
             "pack_1_30": tables["full_1_30"]["grafted"],
+            "distilled_dpo": tables["dpo"][f"expert-{skill}"],
+            "dpo_pack_1_15": tables["dpo"]["grafted"],
             "gold_full": tables["gold"][f"expert-{skill}"],
         }
         distilled = Path(runs["full_1_15"].board.get(Datasets)[skill].train.path).parent
         distill = json.loads((distilled / "distill.json").read_text())  # kept / dropped counts, also when the stage was reused
         out[skill] = {**{v: acc[v][skill] for v in VARIANTS}, "general": {v: acc[v]["general"] for v in VARIANTS},
                       "pack_1_15_bytes_ratio": pack_ratio(runs["full_1_15"], skill),
-                      "pack_1_30_bytes_ratio": pack_ratio(runs["full_1_30"], skill), "distill": distill}
+                      "pack_1_30_bytes_ratio": pack_ratio(runs["full_1_30"], skill), "distill": distill,
+                      "dpo": json.loads((Path(runs["dpo"].board.get(Experts)[skill].path) / "dpo.json").read_text())}
     return out
 
 

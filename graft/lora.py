@@ -107,11 +107,12 @@ def check_adapter_folder(adapter: str | Path) -> Path:
     return folder
 
 
-def load_adapter(model, adapter: str | Path):
-    """`model` wrapped with the PEFT adapter in folder `adapter`, read from safetensors only (`check_adapter_folder`)."""
+def load_adapter(model, adapter: str | Path, *, trainable: bool = False):
+    """`model` wrapped with the PEFT adapter in folder `adapter`, read from safetensors only (`check_adapter_folder`);
+    with `trainable`, its weights train on (e.g. DPO after the SFT that made it)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, str(check_adapter_folder(adapter)))
+    return PeftModel.from_pretrained(model, str(check_adapter_folder(adapter)), is_trainable=trainable)
 
 
 def load_with_adapter(base: str | Path, adapter: str | Path | None, *, options: LoadOptions = CPU_FP32):

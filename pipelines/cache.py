@@ -25,13 +25,22 @@ class Ref:
     key: str
 
 
+# A request field's metadata for a field added after outputs were cached: while the field holds its default it is
+# left out of the content key, so the outputs of requests made before it existed keep their keys and are reused.
+KEYED_IF_SET = {"content_key": "if_set"}
+
+
+def _keyed(o: Any, f: dataclasses.Field) -> bool:
+    return not (f.metadata.get("content_key") == "if_set" and getattr(o, f.name) == f.default)
+
+
 def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts (paths, dataclasses and pydantic models included; a `Ref` by its key)."""
     def default(o: Any) -> Any:
         if isinstance(o, Ref):
             return {"ref": o.key}
         if dataclasses.is_dataclass(o) and not isinstance(o, type):
-            return {"type": type(o).__name__, **{f.name: getattr(o, f.name) for f in dataclasses.fields(o)}}
+            return {"type": type(o).__name__, **{f.name: getattr(o, f.name) for f in dataclasses.fields(o) if _keyed(o, f)}}
         if hasattr(o, "model_dump"):
             return o.model_dump(mode="json")
         return str(o)

@@ -9,7 +9,7 @@ Per stage, one `StagePlan`: how many workers or tasks it runs at once, what one 
 model states (weights, gradients, optimizer states or score accumulators), activations (or KV cache), and host memory
 a GPU worker also needs. The estimators are registered per stage name in `ESTIMATORS`:
 
-- `train` (and `testbed`, `port`'s reference fine-tunes): the effective DeepSpeed config decides the ZeRO stage,
+- `train` (and `testbed`, `dpo`, `port`'s reference fine-tunes): the effective DeepSpeed config decides the ZeRO stage,
   precision and offload (read from the config, never from `train.zero_stage`). A full fine-tune in bf16/fp16 at
   ZeRO-2/3 uses DeepSpeed's own estimators; everything else (LoRA and sparse adapters, fp32, ZeRO-0/1) uses
   `graft.memory.zero_states`. Activations at the micro batch and `max_length` (`graft.memory.training_activations`;
@@ -319,6 +319,16 @@ def _train(inp: PlanInputs) -> StagePlan:
                          workers=tr.num_workers, cpus_per_worker=tr.cpus_per_worker, max_length=tr.max_length)
 
 
+def _dpo(inp: PlanInputs) -> StagePlan:
+    """The DPO training (the target's answers are generated first, by smaller model tasks): a pair's two sequences in
+    one forward pass, so activations at twice `dpo.batch_size`."""
+    from pipelines.training.experts import dpo_deepspeed
+
+    tr, d = inp.spec.train, inp.spec.dpo
+    return training_plan("dpo", inp, inp.models.base(), method=tr.method, deepspeed=dpo_deepspeed(inp.spec, 2 * d.batch_size),
+                         workers=tr.num_workers, cpus_per_worker=tr.cpus_per_worker, max_length=tr.max_length)
+
+
 def _testbed(inp: PlanInputs) -> StagePlan:
     """The testbed's models train one after another in one worker group: the largest of them is the peak."""
     spec = inp.spec
@@ -511,7 +521,7 @@ def _generic(stage: str, inp: PlanInputs) -> StagePlan:
 
 
 ESTIMATORS: dict[str, Callable[[PlanInputs], StagePlan]] = {
-    "testbed": _testbed, "train": _train, "score": _score, "pack": _pack, "graft": _graft, "evaluate": _evaluate,
+    "testbed": _testbed, "train": _train, "dpo": _dpo, "score": _score, "pack": _pack, "graft": _graft, "evaluate": _evaluate,
     "port": _port, "port_eval": _port_eval, "distill": _distill, "concepts": _concepts, "transplant": _transplant,
     "merge": _merge, "evolve": _evolve, "merge_study": _merge_study,
 }

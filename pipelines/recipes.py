@@ -110,6 +110,9 @@ _register(Recipe("graft", ("testbed", "train", "score", "pack", "graft", "evalua
 _register(Recipe("transfer", ("testbed", "distill", "train", "score", "pack", "graft", "evaluate"),
                  "GraftLLM cross-model transfer: a source model of another family answers the skill's prompts, the base "
                  "learns from the checked answers (LoRA or full SFT), and its own delta is packed and grafted"))
+_register(Recipe("transfer-dpo", ("testbed", "distill", "train", "dpo", "score", "pack", "graft", "evaluate"),
+                 "GraftLLM cross-model transfer with its optional DPO step: as `transfer`, then where the trained base still "
+                 "answers otherwise than the source, the source's answer is preferred to its own (DPO) before packing"))
 _register(Recipe("port", ("testbed", "train", "port", "port_eval"),
                  "PortLLM patch porting: each skill's expert, trained on the base, applied to newer base versions with no training, "
                  "against the new bases alone and (port.reference_finetune) the same expert trained on them"))

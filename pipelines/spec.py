@@ -165,6 +165,24 @@ class DistillSpec(Strict):
     max_chars: int = Field(2000, gt=0, description="longest answer the nonempty checker keeps")
 
 
+class DpoSpec(Strict):
+    """GraftLLM's optional DPO step after SFT: where the trained target still answers a distilled prompt otherwise
+    than the source did, the source's answer is chosen and the target's rejected; the target's expert is then trained
+    on those pairs with the DPO loss (the SFT model is the frozen reference), through the same Ray Train + DeepSpeed
+    loop and the `train` section's workers, ZeRO stage and precision."""
+
+    beta: float = Field(0.1, gt=0, description="how far the policy may move from the SFT reference (DPO's β)")
+    steps: int = Field(100, gt=0)
+    lr: float = Field(1e-4, gt=0, description="usually 10× below the SFT learning rate")
+    batch_size: int = Field(16, gt=0, description="pairs per worker (each pair is two sequences)")
+    warmup_steps: int = Field(10, gt=0, description="linear warmup; DeepSpeed's schedule needs at least one step")
+    examples: int | None = Field(None, gt=0, description="cap on distilled prompts the target answers per skill (default: all)")
+    max_new_tokens: int = Field(32, gt=0, description="of the target's own answers")
+    generate_batch_size: int = Field(64, gt=0, description="prompts per generation batch")
+    actors: int = Field(2, gt=0, description="Ray Data actors answering in parallel, one target model load each")
+    cpus_per_actor: int = Field(1, gt=0)
+
+
 class PortSpec(Strict):
     """PortLLM (methods.md §2): each skill's patch (its expert, trained on `base`) applied to newer versions of the
     base with no training, and measured against them."""
@@ -266,7 +284,7 @@ class TrainSpec(Strict):
     steps: int = Field(400, gt=0)
     batch_size: int = Field(32, gt=0, description="per worker")
     lr: float = Field(3e-3, gt=0)
-    warmup_steps: int = Field(20, ge=0)
+    warmup_steps: int = Field(20, gt=0, description="linear warmup; DeepSpeed's schedule needs at least one step")
     bf16: bool = False
     offload_optimizer: bool = False
     max_length: int = Field(64, gt=0)
@@ -628,6 +646,7 @@ class JobSpec(Strict):
     testbed: TestbedSpec = TestbedSpec()
     skills: list[SkillSpec] = Field(min_length=1)
     distill: DistillSpec = DistillSpec()
+    dpo: DpoSpec = DpoSpec()
     port: PortSpec = PortSpec()
     transplant: TransplantSpec = TransplantSpec()
     merge_study: MergeStudySpec = MergeStudySpec()

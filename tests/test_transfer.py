@@ -162,3 +162,21 @@ def test_transfer_recipe_end_to_end_from_a_source_of_another_family(tmp_path):
     assert manifest["total_bytes"] <= 0.2 * manifest["delta_bf16_bytes"]
     report = json.loads(next((root / "evaluate").glob("report-*/eval.json")).read_text())
     assert set(report) == {"base", "expert-rev", "grafted"}
+    # the same job with DPO after the SFT: testbed, distill and train are reused; dpo trains on from the SFT checkpoint
+    proc = run_job_file(tmp_path, {**job, "recipe": "transfer-dpo",
+                                   "dpo": {"steps": 3, "batch_size": 2, "warmup_steps": 1, "lr": 1e-3, "actors": 1,
+                                           "max_new_tokens": 4, "generate_batch_size": 4}})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "train/rev: reusing" in proc.stdout + proc.stderr
+    (tuned,) = (root / "dpo").glob("rev-*")
+    pairs = [json.loads(line) for line in (tuned / "pairs.jsonl").read_text().splitlines()]
+    kept_answer = {r["prompt"]: r["answer"] for r in kept}
+    assert pairs and all(p["chosen"] == kept_answer[p["prompt"]] != p["rejected"] for p in pairs)
+    assert all(isinstance(p["ref_chosen"], float) and p["ref_chosen"] <= 0 for p in pairs)
+    assert json.loads((tuned / "dpo.json").read_text())["pairs"] == len(pairs)
+    info = json.loads((tuned / "train_info.json").read_text())
+    assert info["mode"] == "full" and info["zero_stage"] == 3 and info["steps"] == 3
+    after = load_file(tuned / "model.safetensors")
+    assert any(not torch.equal(after[k], saved[k]) for k in saved)  # trained on from the SFT weights
+    packs = sorted((root / "pack").glob("rev-*"), key=lambda p: p.stat().st_mtime)
+    assert json.loads((packs[-1] / "skillpack.json").read_text())["source"]["expert"].startswith(str(root / "dpo"))

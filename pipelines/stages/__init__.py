@@ -14,8 +14,8 @@
 from types import ModuleType
 
 from pipelines.stages import (
-    concepts, distill, evaluate, evolve, graft, merge, merge_study, pack, port, port_eval, score, testbed, train, transplant,
+    concepts, distill, dpo, evaluate, evolve, graft, merge, merge_study, pack, port, port_eval, score, testbed, train, transplant,
 )
 
-STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, distill, train, score, pack, graft, evaluate, port, port_eval, concepts,
+STAGES: dict[str, ModuleType] = {m.NAME: m for m in (testbed, distill, train, dpo, score, pack, graft, evaluate, port, port_eval, concepts,
                                                   transplant, merge, evolve, merge_study)}

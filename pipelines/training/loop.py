@@ -1,5 +1,8 @@
 """The per-worker training function Ray Train runs on every worker: DeepSpeed ZeRO, PEFT LoRA or full.
 
+What a data row is and what loss a batch gives is the request's objective (`objectives.OBJECTIVES`: `sft` by
+default, `dpo` on preference pairs); the loop around it (pools, replay, checkpoints, logging) is the same.
+
 Everything arrives through `config` (paths are absolute: Ray Train V2 workers run in a temporary
 working directory). `config["jobs"]` is a list of `TrainJob`s run one after another in the same worker
 group, so a later job may start from an earlier job's output and the group's start-up is paid once.
@@ -143,10 +146,11 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    from graft.data import collate, encode_examples, read_jsonl
+    from graft.data import encode_examples, read_jsonl
     from pipelines.training import checkpoints
     from pipelines.training.deepspeed_config import zero_stage_of
     from pipelines.training.modes import MODES
+    from pipelines.training.objectives import OBJECTIVES
     from pipelines.training.progress import WRITE_EVERY_S, Position, position_file, write_position
 
     req = job.request
@@ -172,8 +176,9 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
     if engine.zero_optimization_stage() != stage:
         raise RuntimeError(f"DeepSpeed runs ZeRO-{engine.zero_optimization_stage()}, the effective config says ZeRO-{stage}")
 
-    rows = read_jsonl(req.data.path)
-    skill = _Pool(encode_examples(tok, rows[rank::world], req.max_length, req.loss_on), req.seed * 1000 + rank, req.data.path)
+    objective = OBJECTIVES[req.objective]
+    rows = read_jsonl(req.data.path, objective.fields)
+    skill = _Pool(objective.encode(tok, rows[rank::world], req), req.seed * 1000 + rank, req.data.path)
     replay, n_replay = None, 0
     if req.replay is not None and req.replay_fraction > 0:
         # a fixed share of every batch comes from the whole replay set, however small the skill's data is
@@ -223,8 +228,7 @@ def train_one(job: TrainJob, rank: int, world: int, index: int, checkpoint_every
 
     for step in range(start, req.steps):
         examples = skill.take(req.batch_size - n_replay) + (replay.take(n_replay) if replay else [])
-        batch = {k: v.to(engine.device) for k, v in collate(examples, tok.pad_token_id).items()}
-        loss = engine(**batch).loss
+        loss = objective.loss(engine, examples, tok.pad_token_id, req)
         engine.backward(loss)
         engine.step()
         mean = loss.detach().float().clone()

@@ -1,6 +1,7 @@
 """Training modes by name: what a mode does to the loaded model before DeepSpeed takes it.
 
-`full` trains every weight; `lora` wraps the model in a PEFT LoRA; `sparse` computes each target
+`full` trains every weight; `lora` wraps the model in a PEFT LoRA (a new one, or with `adapter["init"]`, a `Ref` to
+the adapter folder an earlier training wrote, trainable again); `sparse` computes each target
 module's mask on this rank (`graft.sparse`: every rank scores the same rows, so every rank gets the same
 masks) and wraps the model in PEFT SHiRA, so it needs every weight whole on each rank (no sharded load under ZeRO-3).
 An adapter mode's checkpoints leave out the frozen base, and
@@ -25,7 +26,11 @@ class Mode:
 def _lora(model, req, tok):
     from peft import LoraConfig, get_peft_model
 
+    from graft.lora import load_adapter
+
     s = req.adapter
+    if s.get("init") is not None:  # go on training an adapter trained before (DPO after SFT): its own config, trainable
+        return load_adapter(model, s["init"].path, trainable=True)
     return get_peft_model(model, LoraConfig(r=s["rank"], lora_alpha=s["alpha"], lora_dropout=s["dropout"],
                                             target_modules=list(s["target_modules"]), task_type="CAUSAL_LM"))
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from graft.atomic import scratch_dir
-from pipelines.cache import Ref, content_key
+from pipelines.cache import KEYED_IF_SET, Ref, content_key
 from pipelines.training.deepspeed_config import zero_stage_of
 from pipelines.training.loop import LOOP_VERSION, train_loop
 from pipelines.training.modes import MODES
+from pipelines.training.objectives import OBJECTIVES
 from pipelines.training.progress import ProgressPrinter
 
 
@@ -46,10 +47,21 @@ class TrainRequest:
     adapter: dict[str, Any] | None = None  # the adapter mode's settings (lora: rank, alpha, dropout, target_modules; sparse: ...)
     trust_remote_code: bool = False
     loop_version: int = LOOP_VERSION
+    # an `objectives.OBJECTIVES` name: "sft" (next-token loss on prompt/answer rows) or "dpo" (preference pairs)
+    objective: str = field(default="sft", metadata=KEYED_IF_SET)
+    objective_settings: dict[str, Any] | None = field(default=None, metadata=KEYED_IF_SET)  # dpo: {"beta": ...}
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"training mode must be one of {tuple(MODES)}, got {self.mode!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"training objective must be one of {tuple(OBJECTIVES)}, got {self.objective!r}")
+        objective = OBJECTIVES[self.objective]
+        missing = [k for k in objective.settings if k not in (self.objective_settings or {})]
+        if missing:
+            raise ValueError(f"objective {self.objective!r} needs objective_settings {missing}")
+        if self.replay is not None and not objective.takes_replay:
+            raise ValueError(f"objective {self.objective!r} takes no replay data")
         if MODES[self.mode].adapter != (self.adapter is not None):
             raise ValueError(f"mode {self.mode!r}: an adapter training needs `adapter` settings, and only an adapter training takes them")
         zero_stage_of(self.deepspeed)

@@ -1,0 +1,79 @@
+"""Preference pairs and the DPO loss (GraftLLM's optional DPO step after SFT, methods.md §1.1).
+
+After the target has learned a skill from a source's answers by SFT, the answers it still gets wrong
+make preference pairs: the source's checked answer is *chosen*, the target's own answer *rejected*.
+DPO (Rafailov et al., 2023) then raises the chosen answer's likelihood against the rejected one's,
+relative to a frozen reference — here the SFT model itself, whose log-probabilities are computed once
+when the pairs are made (`answer_logps`) and stored with them, so training needs no second model.
+
+Log-probabilities are summed over the answer's tokens and its eos, tokenized exactly as training does
+(`graft.data.encode_examples`), so the reference and the policy score the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from graft.data import collate, encode_examples
+
+
+def preference_pairs(rows: list[dict[str, str]], answers: list[str], extras: list[dict] | None = None) -> list[dict]:
+    """`{"prompt", "chosen", "rejected"}` for each row whose `answer` (the source's) differs from the target's, with
+    that row's `extras` (e.g. its reference log-probs) added."""
+    extras = extras if extras is not None else [{}] * len(rows)
+    if not len(rows) == len(answers) == len(extras):
+        raise ValueError(f"{len(rows)} rows, {len(answers)} answers and {len(extras)} extras")
+    return [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": a, **x}
+            for r, a, x in zip(rows, answers, extras) if a != r["answer"]]
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence, the summed log-probability of its labelled tokens (labels -100 carry none), next-token aligned."""
+    logits, labels = logits[:, :-1], labels[:, 1:]
+    mask = labels != -100
+    picked = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def encode_pair(tokenizer, row: dict[str, str], max_length: int) -> tuple:
+    """A pair as training encodes it: (chosen ids, chosen labels), (rejected ids, rejected labels)."""
+    chosen, rejected = encode_examples(tokenizer, [{"prompt": row["prompt"], "answer": row["chosen"]},
+                                                   {"prompt": row["prompt"], "answer": row["rejected"]}], max_length)
+    return chosen, rejected
+
+
+@torch.no_grad()
+def answer_logps(model, tokenizer, prompts: list[str], answers: list[str], max_length: int, batch_size: int = 32) -> list[float]:
+    """The model's summed log-probability of each answer (and its eos) after its prompt."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    examples = encode_examples(tokenizer, [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], max_length)
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(model.device) for k, v in collate(examples[i:i + batch_size], pad).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            out += sequence_logps(logits, batch["labels"]).tolist()
+    finally:
+        model.train(was_training)
+    return out
+
+
+@dataclass(frozen=True)
+class DpoLoss:
+    """One batch's DPO loss, and how often (and by how much) the policy already prefers the chosen answer."""
+
+    loss: torch.Tensor
+    accuracy: float  # share of pairs whose implicit reward ranks chosen above rejected
+    margin: float  # mean reward margin, in nats × beta
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
+             beta: float) -> DpoLoss:
+    """−log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]), averaged over the pairs."""
+    margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
+    return DpoLoss(-F.logsigmoid(margins).mean(), (margins > 0).float().mean().item(), margins.mean().item())
