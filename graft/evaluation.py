@@ -12,8 +12,12 @@ import torch
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
-    """Greedy completions of `prompts`, cut at the first eos, special tokens removed."""
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 64, *, samples: int = 0,
+                     temperature: float = 1.0) -> list[str]:
+    """Greedy completions of `prompts`, cut at the first eos, special tokens removed; with `samples`, that many completions
+    per prompt sampled from the model's whole distribution at `temperature` (prompt by prompt: the first prompt's first)."""
+    decoding = ({"do_sample": True, "num_return_sequences": samples, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+                if samples else {"do_sample": False})
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -24,8 +28,8 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: v.to(model.device) for k, v in enc.items()}
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=tokenizer.eos_token_id,
+                                 **decoding)
             new = gen[:, enc["input_ids"].shape[1]:]
             for row in new.tolist():
                 if tokenizer.eos_token_id in row:

@@ -1,7 +1,9 @@
 """Preference pairs and the DPO loss (GraftLLM's optional DPO step after SFT, methods.md §1.1).
 
 After the target has learned a skill from a source's answers by SFT, the answers it still gets wrong
-make preference pairs: the source's checked answer is *chosen*, the target's own answer *rejected*.
+make preference pairs: the source's checked answer is *chosen*, the target's own answer *rejected*. Where its
+greedy answer is already right, an answer sampled from it that is not right is rejected instead (`rejected_answers`),
+so DPO also takes probability from the wrong answers it would still give.
 DPO (Rafailov et al., 2023) then raises the chosen answer's likelihood against the rejected one's,
 relative to a frozen reference — here the SFT model itself, whose log-probabilities are computed once
 when the pairs are made (`answer_logps`) and stored with them, so training needs no second model.
@@ -18,6 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from graft.data import collate, encode_examples
+
+
+def rejected_answers(chosen: list[str], greedy: list[str], sampled: list[list[str]]) -> list[str]:
+    """Per prompt, the target's answer to reject: its greedy answer where that is not the chosen one, else the first
+    of its sampled answers that is not (else the chosen answer itself: the prompt makes no pair)."""
+    if not len(chosen) == len(greedy) == len(sampled):
+        raise ValueError(f"{len(chosen)} chosen, {len(greedy)} greedy and {len(sampled)} sampled answer lists")
+    return [g if g != c else next((a for a in alts if a != c), c) for c, g, alts in zip(chosen, greedy, sampled)]
 
 
 def preference_pairs(rows: list[dict[str, str]], answers: list[str], extras: list[dict] | None = None) -> list[dict]:

@@ -178,6 +178,9 @@ class DpoSpec(Strict):
     warmup_steps: int = Field(10, gt=0, description="linear warmup; DeepSpeed's schedule needs at least one step")
     examples: int | None = Field(None, gt=0, description="cap on distilled prompts the target answers per skill (default: all)")
     max_new_tokens: int = Field(32, gt=0, description="of the target's own answers")
+    samples: int = Field(4, ge=0, le=64, description="answers sampled per prompt whose greedy answer is already the source's: "
+                         "the first that is not becomes the rejected answer (0: greedy errors only)")
+    temperature: float = Field(1.0, gt=0, description="of the sampled answers")
     generate_batch_size: int = Field(64, gt=0, description="prompts per generation batch")
     actors: int = Field(2, gt=0, description="Ray Data actors answering in parallel, one target model load each")
     cpus_per_actor: int = Field(1, gt=0)

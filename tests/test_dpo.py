@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from graft.data import collate, encode_examples
-from graft.preference import answer_logps, dpo_loss, encode_pair, preference_pairs, sequence_logps
+from graft.evaluation import generate_answers
+from graft.preference import answer_logps, dpo_loss, encode_pair, preference_pairs, rejected_answers, sequence_logps
 from pipelines.cache import Ref, content_key
 from pipelines.recipes import check_job
 from pipelines.spec import SpecError, parse_job
@@ -30,6 +31,23 @@ def test_pairs_are_the_prompts_the_target_answers_otherwise_with_their_extras():
                      {"prompt": "r:q=", "chosen": "q", "rejected": "", "n": 2}]
     with pytest.raises(ValueError, match="3 rows, 2 answers"):
         preference_pairs(ROWS, ["a", "b"])
+
+
+def test_the_rejected_answer_is_the_greedy_error_else_the_first_wrong_sample():
+    chosen = ["cba", "yx", "q"]
+    assert rejected_answers(chosen, ["cbb", "yx", "q"], [["cba"], ["yx", "xy", "y"], ["q", "q"]]) == ["cbb", "xy", "q"]
+
+
+def test_sampled_answers_come_per_prompt_in_order_and_repeat_under_a_seed(tiny):
+    _, model, tok = tiny
+    prompts = [r["prompt"] for r in ROWS[:2]]
+    torch.manual_seed(5)
+    first = generate_answers(model, tok, prompts, 4, samples=3, temperature=2.0)
+    torch.manual_seed(5)
+    assert generate_answers(model, tok, prompts, 4, samples=3, temperature=2.0) == first
+    assert len(first) == 6 and len(set(first)) > 1  # a random tiny model at temperature 2 does not repeat itself
+    greedy = generate_answers(model, tok, prompts, 4)  # near temperature 0 every sample is the greedy answer, in prompt order
+    assert generate_answers(model, tok, prompts, 4, samples=3, temperature=1e-4) == [a for a in greedy for _ in range(3)]
 
 
 def test_the_dpo_loss_is_log_two_at_the_reference_and_falls_as_the_chosen_answer_gains():

@@ -5,15 +5,16 @@ SFT one, or a full checkpoint trained on from the SFT checkpoint); uses the `dpo
 section for the workers, ZeRO stage, precision and LoRA settings.
 
 GraftLLM's optional step after SFT (methods.md §1.1; `graft.preference`). The SFT target answers the skill's
-training prompts (the `distill` stage's checked source answers) by greedy generation, fanned out with Ray Data
-(`map_batches` on `dpo.actors` actors, each loading the target once); the same actors compute the target's
-log-probabilities of the source's answer and of its own, which are DPO's frozen reference. Where the target's
-answer differs from the source's, the pair (chosen: the source's, rejected: the target's) is kept. A skill
-the target already answers exactly as the source does has nothing to prefer, and is refused by name. The pairs
+training prompts (the `distill` stage's checked source answers) by greedy generation, and where that is already the
+source's answer, by `dpo.samples` sampled answers; fanned out with Ray Data (`map_batches` on `dpo.actors` actors,
+each loading the target once). The same actors compute the target's log-probabilities of the source's answer and of
+the one it rejects, which are DPO's frozen reference. Each prompt gives at most one pair: chosen the source's answer,
+rejected the target's greedy answer where that differs, else its first sampled answer that does. A skill the target
+answers exactly as the source does, greedy and in every sample, has nothing to prefer, and is refused by name. The pairs
 then train the expert with the DPO loss through the same Ray Train + DeepSpeed loop as `train`
 (`pipelines.training.objectives`), every skill in one worker group.
 Outputs: `<root>/dpo/<skill>-<key>/`, the expert (as `train` writes it) with `pairs.jsonl` and `dpo.json`.
-Logs (child run `dpo/<skill>`): prompts, pairs, pair_fraction, final_loss, train_seconds.
+Logs (child run `dpo/<skill>`): prompts, pairs, pair_fraction, pairs_greedy_wrong, pairs_sampled, final_loss, train_seconds.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class PairsRequest:
     prompts: Ref  # the distilled training split: the source's checked answers
     examples: int | None
     max_new_tokens: int
+    samples: int
+    temperature: float
+    seed: int
     max_length: int
     trust_remote_code: bool
     placement: Placement
@@ -83,7 +87,8 @@ def dpo_request(spec: JobSpec, base: Base, expert: Ref, pairs: Ref) -> TrainRequ
 
 
 class TargetAnswerer:
-    """A Ray Data actor: loads the SFT target once, answers prompts greedily, and scores the source's answer and its own."""
+    """A Ray Data actor: loads the SFT target once, answers prompts (greedy, then sampled where greedy is right), picks
+    the answer to reject, and scores it and the source's answer."""
 
     def __init__(self, req: PairsRequest, max_new_tokens: int, batch_size: int) -> None:
         from transformers import AutoTokenizer
@@ -98,20 +103,33 @@ class TargetAnswerer:
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
+        import torch
 
         from graft.evaluation import generate_answers
-        from graft.preference import answer_logps
+        from graft.preference import answer_logps, rejected_answers
 
+        req, n = self.req, self.req.samples
         prompts, chosen = [str(p) for p in batch["prompt"]], [str(a) for a in batch["answer"]]
-        answers = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size)
-        ref_chosen = answer_logps(self.model, self.tokenizer, prompts, chosen, self.req.max_length, self.batch_size)
-        ref_rejected = answer_logps(self.model, self.tokenizer, prompts, answers, self.req.max_length, self.batch_size)
-        return {"index": batch["index"], "answer": np.array(answers, dtype=object),
+        greedy = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size)
+        right = [i for i, (g, c) in enumerate(zip(greedy, chosen)) if g == c]
+        sampled: list[list[str]] = [[] for _ in prompts]
+        if right and n:
+            torch.manual_seed(req.seed * 1_000_003 + int(batch["index"][0]))  # the same samples for the same batch
+            flat = generate_answers(self.model, self.tokenizer, [prompts[i] for i in right], self.max_new_tokens,
+                                    max(1, self.batch_size // n), samples=n, temperature=req.temperature)
+            for k, i in enumerate(right):
+                sampled[i] = flat[k * n:(k + 1) * n]
+        rejected = rejected_answers(chosen, greedy, sampled)
+        ref_chosen = answer_logps(self.model, self.tokenizer, prompts, chosen, req.max_length, self.batch_size)
+        ref_rejected = answer_logps(self.model, self.tokenizer, prompts, rejected, req.max_length, self.batch_size)
+        return {"index": batch["index"], "answer": np.array(rejected, dtype=object),
+                "greedy_wrong": np.array([g != c for g, c in zip(greedy, chosen)]),
                 "ref_chosen": np.array(ref_chosen), "ref_rejected": np.array(ref_rejected)}
 
 
-def make_pairs(req: PairsRequest, d: DpoSpec, skill: str) -> tuple[list[dict], int]:
-    """The skill's pairs (each with its reference log-probs) and how many prompts the target answered."""
+def make_pairs(req: PairsRequest, d: DpoSpec, skill: str) -> tuple[list[dict], dict[str, float]]:
+    """The skill's pairs (each with its reference log-probs), and how many prompts the target answered and how many
+    pairs reject its greedy answer or a sampled one."""
     import ray.data
 
     rows = read_jsonl(req.prompts.path)[:d.examples]
@@ -122,11 +140,14 @@ def make_pairs(req: PairsRequest, d: DpoSpec, skill: str) -> tuple[list[dict], i
         fn_constructor_kwargs={"req": req, "max_new_tokens": d.max_new_tokens, "batch_size": d.generate_batch_size}).take_all()
     got = sorted(answered, key=lambda r: int(r["index"]))
     pairs = preference_pairs(rows, [str(r["answer"]) for r in got],
-                             [{"ref_chosen": float(r["ref_chosen"]), "ref_rejected": float(r["ref_rejected"])} for r in got])
+                             [{"ref_chosen": float(r["ref_chosen"]), "ref_rejected": float(r["ref_rejected"]),
+                               "greedy_wrong": bool(r["greedy_wrong"])} for r in got])
     if not pairs:
-        raise DistillError(f"dpo/{skill}: the trained target answers all {len(rows)} prompts as the source does, so there is "
-                           "nothing to prefer; leave the dpo stage out of this job's recipe")
-    return pairs, len(rows)
+        raise DistillError(f"dpo/{skill}: the trained target answers all {len(rows)} prompts as the source does, greedy and in "
+                           f"{d.samples} samples each, so there is nothing to prefer; leave the dpo stage out of this job's recipe")
+    greedy = sum(p["greedy_wrong"] for p in pairs)
+    return pairs, {"prompts": len(rows), "pairs": len(pairs), "pair_fraction": len(pairs) / len(rows),
+                   "pairs_greedy_wrong": greedy, "pairs_sampled": len(pairs) - greedy}
 
 
 def run(ctx: RunContext) -> StageResult:
@@ -135,7 +156,8 @@ def run(ctx: RunContext) -> StageResult:
     result = StageResult(NAME)
     where = replace(placement(spec), threads=d.cpus_per_actor)
     pairs_reqs = {s.name: PairsRequest(base.model, experts[s.name], experts.kind, base.tokenizer, data[s.name].train, d.examples,
-                                       d.max_new_tokens, spec.train.max_length, spec.trust_remote_code, where) for s in spec.skills}
+                                       d.max_new_tokens, d.samples, d.temperature, spec.train.seed, spec.train.max_length,
+                                       spec.trust_remote_code, where) for s in spec.skills}
     pairs_keys = {name: content_key(req) for name, req in pairs_reqs.items()}
     # the pairs file's path is only known while building; a Ref is keyed by its key, so the request's key is final now
     reqs = {name: dpo_request(spec, base, experts[name], Ref("", pairs_keys[name])) for name in pairs_reqs}
@@ -145,12 +167,12 @@ def run(ctx: RunContext) -> StageResult:
     def build(todo) -> dict[str, dict[str, float]]:
         jobs, counts = [], {}
         for name, (tmp, run) in todo.items():
-            pairs, prompts = make_pairs(pairs_reqs[name], d, name)
+            pairs, counts[name] = make_pairs(pairs_reqs[name], d, name)
             tmp.mkdir(parents=True, exist_ok=True)
             write_jsonl(tmp / "pairs.jsonl", pairs)
-            counts[name] = {"prompts": prompts, "pairs": len(pairs), "pair_fraction": len(pairs) / prompts}
-            ctx.log(f"  dpo/{name}: the target answers {len(pairs)} of {prompts} prompts otherwise than the source: "
-                    f"{len(pairs)} pairs, β={d.beta}, {d.steps} steps")
+            c = counts[name]
+            ctx.log(f"  dpo/{name}: {c['pairs']} pairs from {c['prompts']} prompts ({c['pairs_greedy_wrong']} where the target's "
+                    f"greedy answer is not the source's, {c['pairs_sampled']} from its samples), β={d.beta}, {d.steps} steps")
             req = replace(reqs[name], data=Ref(str(tmp / "pairs.jsonl"), pairs_keys[name]))
             jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id,
                                  system_metrics_every_s=spec.tracking.system_metrics_every_s))
