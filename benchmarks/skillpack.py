@@ -248,8 +248,8 @@ class SeedRun:
     def settle(self, chosen: dict[str, dict]) -> None:
         """Each skill's chosen pack (packed here unless it already was), pruning at its bytes, then the merges."""
         for s, sk in self.skills.items():
-            self.reference[s] = {**sk.pack_described(chosen[s]), "density": None}
-            self.reference[s]["density"] = prune_at(sk, self.reference[s]["bytes"])
+            ref = sk.pack_described(chosen[s])
+            self.reference[s] = {**ref, "density": prune_at(sk, ref["bytes"])}
         merge_rows(self.tb, self.ev, self.base_acc, self.expert_acc, self.reference, self.rows)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from graft.data import collate, encode_examples
+from graft.data import encode_examples, labelled_batches
 
 
 def rejected_answers(chosen: list[str], greedy: list[str], sampled: list[list[str]]) -> list[str]:
@@ -58,14 +58,13 @@ def encode_pair(tokenizer, row: dict[str, str], max_length: int) -> tuple:
 @torch.no_grad()
 def answer_logps(model, tokenizer, prompts: list[str], answers: list[str], max_length: int, batch_size: int = 32) -> list[float]:
     """The model's summed log-probability of each answer (and its eos) after its prompt."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    examples = encode_examples(tokenizer, [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], max_length)
     was_training = model.training
     model.eval()
     out: list[float] = []
     try:
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(model.device) for k, v in collate(examples[i:i + batch_size], pad).items()}
+        for batch in labelled_batches(tokenizer, [{"prompt": p, "answer": a} for p, a in zip(prompts, answers)], max_length,
+                                      batch_size):
+            batch = {k: v.to(model.device) for k, v in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             out += sequence_logps(logits, batch["labels"]).tolist()
     finally:
@@ -78,12 +77,21 @@ class DpoLoss:
     """One batch's DPO loss, and how often (and by how much) the policy already prefers the chosen answer."""
 
     loss: torch.Tensor
-    accuracy: float  # share of pairs whose implicit reward ranks chosen above rejected
-    margin: float  # mean reward margin, in nats × beta
+    margins: torch.Tensor  # per pair: β × (chosen's log-ratio − rejected's), detached
+
+    @property
+    def accuracy(self) -> float:
+        """Share of pairs whose implicit reward ranks chosen above rejected."""
+        return (self.margins > 0).float().mean().item()
+
+    @property
+    def margin(self) -> float:
+        """Mean reward margin, in nats × β."""
+        return self.margins.mean().item()
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
              beta: float) -> DpoLoss:
     """−log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]), averaged over the pairs."""
     margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    return DpoLoss(-F.logsigmoid(margins).mean(), (margins > 0).float().mean().item(), margins.mean().item())
+    return DpoLoss(-F.logsigmoid(margins).mean(), margins.detach())  # the statistics are read on demand, off the training step

@@ -90,13 +90,13 @@ class TargetAnswerer:
     """A Ray Data actor: loads the SFT target once, answers prompts (greedy, then sampled where greedy is right), picks
     the answer to reject, and scores it and the source's answer."""
 
-    def __init__(self, req: PairsRequest, max_new_tokens: int, batch_size: int) -> None:
+    def __init__(self, req: PairsRequest, batch_size: int) -> None:
         from transformers import AutoTokenizer
 
         from graft.experts import Expert
 
         req.placement.enter()
-        self.req, self.max_new_tokens, self.batch_size = req, max_new_tokens, batch_size
+        self.req, self.batch_size = req, batch_size
         self.tokenizer = AutoTokenizer.from_pretrained(req.tokenizer.path, trust_remote_code=req.trust_remote_code)
         self.model = Expert(Path(req.expert.path), req.expert_kind).load(
             req.base.path, options=req.placement.load_options(req.trust_remote_code))
@@ -110,12 +110,12 @@ class TargetAnswerer:
 
         req, n = self.req, self.req.samples
         prompts, chosen = [str(p) for p in batch["prompt"]], [str(a) for a in batch["answer"]]
-        greedy = generate_answers(self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size)
+        greedy = generate_answers(self.model, self.tokenizer, prompts, req.max_new_tokens, self.batch_size)
         right = [i for i, (g, c) in enumerate(zip(greedy, chosen)) if g == c]
         sampled: list[list[str]] = [[] for _ in prompts]
         if right and n:
             torch.manual_seed(req.seed * 1_000_003 + int(batch["index"][0]))  # the same samples for the same batch
-            flat = generate_answers(self.model, self.tokenizer, [prompts[i] for i in right], self.max_new_tokens,
+            flat = generate_answers(self.model, self.tokenizer, [prompts[i] for i in right], req.max_new_tokens,
                                     max(1, self.batch_size // n), samples=n, temperature=req.temperature)
             for k, i in enumerate(right):
                 sampled[i] = flat[k * n:(k + 1) * n]
@@ -137,7 +137,7 @@ def make_pairs(req: PairsRequest, d: DpoSpec, skill: str) -> tuple[list[dict], d
     answered = ray.data.from_items(items).map_batches(
         TargetAnswerer, batch_size=d.generate_batch_size, compute=ray.data.ActorPoolStrategy(size=d.actors),
         num_cpus=d.cpus_per_actor, num_gpus=req.placement.num_gpus,
-        fn_constructor_kwargs={"req": req, "max_new_tokens": d.max_new_tokens, "batch_size": d.generate_batch_size}).take_all()
+        fn_constructor_kwargs={"req": req, "batch_size": d.generate_batch_size}).take_all()
     got = sorted(answered, key=lambda r: int(r["index"]))
     pairs = preference_pairs(rows, [str(r["answer"]) for r in got],
                              [{"ref_chosen": float(r["ref_chosen"]), "ref_rejected": float(r["ref_rejected"]),
