@@ -265,8 +265,10 @@ def testbed(data: Mapping) -> Lines:
     seeds = ", ".join(str(k) for k in data.get("seeds", [])) or MISSING
     lines = [f"Seeds {seeds}; each cell is mean [min, max] over them, and every gate is judged on the worst seed. "
              f"Testbed build {num(data.get('build_seconds'), 1)} s.", ""]
-    lines += table(["model", *skills, "behaviour rate"],
-                   ([model, *(per_skill.get(s) for s in skills), behaviour.get(model)] for model, per_skill in accuracy.items()))
+    asked = data.get("behaviour_rate_asked", {})
+    lines += table(["model", *skills, "concept unasked", "concept asked"],
+                   ([model, *(per_skill.get(s) for s in skills), behaviour.get(model), asked.get(model)]
+                    for model, per_skill in accuracy.items()))
     gates = data.get("gates", {})
     if gates:
         lines += table(["gate", "passed"], sorted(gates.items()))

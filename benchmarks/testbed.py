@@ -7,7 +7,9 @@ Every gate is judged on the worst seed: an "at least" gate on the minimum over s
 maximum. Writes `benchmarks/results/testbed.json`:
   {"provenance", "job", "seeds", "build_seconds": {mean, min, max},
    "accuracy": {MODEL: {SKILL: {mean, min, max}}}, "accuracy_by_seed": {SEED: {MODEL: {SKILL: 0..1}}},
-   "behaviour_rate": {MODEL: {mean, min, max}}, "stage_seconds_by_seed", "gates": {GATE: bool}}
+   "behaviour_rate": {MODEL: {mean, min, max}} (the `concept` behaviour unasked, on its copy prompts),
+   "behaviour_rate_asked": {MODEL: {mean, min, max}} (asked for it, on the `shout:` prompts),
+   "stage_seconds_by_seed", "gates": {GATE: bool}}
 
     .venv/bin/python benchmarks/testbed.py [--seeds 0 1 2] [--output-dir runs/bench-testbed]
 
@@ -68,15 +70,18 @@ def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict:
     from graft.testbed.skills import generate
 
     concept = [r["prompt"] for r in generate("concept", "test", spec.testbed.eval_examples, spec.seed)]
+    asking = [r["positive"] for r in generate("concept", "test", spec.testbed.eval_examples, spec.seed)]
     torch.set_num_threads(os.cpu_count() or 1)
     accuracy: dict[str, dict[str, float]] = {}
     behaviour: dict[str, float] = {}
+    asked: dict[str, float] = {}
     for model_name, checkpoint in run.board.get(Models).by_name.items():
         model = AutoModelForCausalLM.from_pretrained(checkpoint.model.path, use_safetensors=True)
         accuracy[model_name] = {s: exact_match(model, tok, rows, spec.evaluate.max_new_tokens) for s, rows in tests.items()}
         behaviour[model_name] = behaviour_rate(model, tok, concept, shows_behaviour, spec.evaluate.max_new_tokens)
+        asked[model_name] = behaviour_rate(model, tok, asking, shows_behaviour, spec.evaluate.max_new_tokens)
     accuracy.update({m: dict(row) for m, row in table.items() if m.startswith("expert-")})
-    return {"accuracy": accuracy, "behaviour_rate": behaviour, "deepspeed_op_build_seconds": op_seconds,
+    return {"accuracy": accuracy, "behaviour_rate": behaviour, "behaviour_rate_asked": asked, "deepspeed_op_build_seconds": op_seconds,
             "stage_seconds": {k: r.seconds for k, r in run.results.items()}}
 
 
@@ -84,8 +89,8 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"mean": sum(values) / len(values), "min": min(values), "max": max(values)}
 
 
-def gates(acc: dict, behaviour: dict, build: dict, source_skill: str) -> dict[str, bool]:
-    """Every gate on the worst seed: `acc`/`behaviour`/`build` hold {mean, min, max} over seeds."""
+def gates(acc: dict, behaviour: dict, asked: dict, build: dict, source_skill: str) -> dict[str, bool]:
+    """Every gate on the worst seed: `acc`/`behaviour`/`asked`/`build` hold {mean, min, max} over seeds."""
     base = acc["base-v1"]
     return {
         "base_v1_at_most_10pct_on_skills": all(base[s]["max"] <= 0.10 for s in SKILLS),
@@ -93,8 +98,10 @@ def gates(acc: dict, behaviour: dict, build: dict, source_skill: str) -> dict[st
         "experts_at_least_90pct_on_skill": all(acc[f"expert-{s}"][s]["min"] >= 0.90 for s in SKILLS),
         "experts_within_5pts_general": all(acc[f"expert-{s}"]["general"]["min"] >= base["general"]["min"] - 0.05 for s in SKILLS),
         "source_hetero_at_least_90pct_on_its_skill": acc["source-hetero"][source_skill]["min"] >= 0.90,
-        "aligned_small_behaviour_at_least_90pct": behaviour["aligned-small"]["min"] >= 0.90,
-        "base_and_target_behaviour_at_most_10pct": behaviour["base-v1"]["max"] <= 0.10 and behaviour["target-large"]["max"] <= 0.10,
+        "aligned_small_and_target_show_concept_when_asked_at_least_90pct":
+            all(asked[m]["min"] >= 0.90 for m in ("aligned-small", "target-large")),
+        "base_aligned_and_target_unasked_at_most_10pct":
+            all(behaviour[m]["max"] <= 0.10 for m in ("base-v1", "aligned-small", "target-large")),
         "build_at_most_300s": build["max"] <= 300,
     }
 
@@ -104,9 +111,10 @@ def finish(per_seed: dict[int, dict], base_job: dict) -> dict:
     first = per_seed[seeds[0]]
     acc = {m: {s: spread([per_seed[k]["accuracy"][m][s] for k in seeds]) for s in row} for m, row in first["accuracy"].items()}
     behaviour = {m: spread([per_seed[k]["behaviour_rate"][m] for k in seeds]) for m in first["behaviour_rate"]}
+    asked = {m: spread([per_seed[k]["behaviour_rate_asked"][m] for k in seeds]) for m in first["behaviour_rate_asked"]}
     build = spread([per_seed[k]["stage_seconds"]["testbed"] for k in seeds])
     return {"seeds": seeds, "build_seconds": build, "accuracy": acc, "behaviour_rate": behaviour,
-            "gates": gates(acc, behaviour, build, base_job["testbed"]["source_skill"]),
+            "behaviour_rate_asked": asked, "gates": gates(acc, behaviour, asked, build, base_job["testbed"]["source_skill"]),
             "accuracy_by_seed": {k: per_seed[k]["accuracy"] for k in seeds},
             "behaviour_rate_by_seed": {k: per_seed[k]["behaviour_rate"] for k in seeds},
             "stage_seconds_by_seed": {k: per_seed[k]["stage_seconds"] for k in seeds},

@@ -1,13 +1,14 @@
 """ConTrans concept transplantation (methods.md §5): aligned-small's concept vector, mapped into target-large, injected.
 
-Per seed (each its own testbed: base-v1, aligned-small fine-tuned from it to bracket every answer, and target-large,
-twice the width and depth, pretrained on `general` with a share of `quote`, so it can bracket an answer when asked
-and never does unasked), `jobs/transplant.yaml` runs through the pipeline: the concepts stage takes the source's
+Per seed (each its own testbed: base-v1, aligned-small fine-tuned from it to answer in upper case when asked, and
+target-large, twice the width and depth, pretrained on `general` with a share of `shout`, so it can answer in upper
+case when asked and never does unasked; the concept pairs are `shout:x=` against `copy:x=`), `jobs/transplant.yaml`
+runs through the pipeline: the concepts stage takes the source's
 concept vector and both models' states on shared prompts, the transplant stage sweeps every target layer × α with a
 random direction of the same norm as the control. This reports, per seed and as means:
 - `affine_r2_heldout` of the map at the reported layer pair (fitted on 80% of the shared prompts, scored on 20%);
-- at α ∈ {0, 1, 2, 5}: the target's behaviour rate (completions wrapped in brackets) on held-out concept prompts,
-  its `general` exact match (brackets taken off), and the random control's behaviour rate.
+- at α ∈ {0, 1, 2, 5}: the target's behaviour rate (completions with letters, all upper case) on held-out concept
+  prompts, its `general` exact match (the completion lower-cased), and the random control's behaviour rate.
 The reported layer is the one whose best α shows the behaviour most (the best held-out R² on ties); the whole
 sweep is kept under `sweep`.
 

@@ -6,7 +6,8 @@ one through its residual stream, with no training of the larger model.
    component (`VECTORS`, by name). `last_token_states` takes the states; `concept_vectors` the vectors.
 2. Affine map from a source layer to a target layer, fitted by closed-form least squares
    (`torch.linalg.lstsq`) on both models' last-token states over the same ordinary prompts: the first 80%
-   fit it, the rest give the held-out R² (`fit_affine`). A direction maps by the linear part only:
+   fit it, the rest give the held-out R² (`fit_affine`); the shared texts may include both sides of the concept pairs
+   (`with_pairs`), so that the map has seen the concept's direction. A direction maps by the linear part only:
    v_target = W v_source (the bias moves points, not differences).
 3. Injection of α · v_target into one target decoder layer's output, at every position, by a forward hook
    (`Transplant.applied(model)`, a context manager). A `Transplant` saves to a folder (`vector.safetensors`
@@ -131,7 +132,7 @@ class Behaviour:
 
 
 BEHAVIOURS: Registry[Behaviour] = Registry("behaviour")  # type: ignore[type-var]
-BEHAVIOURS.register("brackets")(Behaviour(shows_behaviour, lambda t: t[1:-1] if shows_behaviour(t) else t))
+BEHAVIOURS.register("uppercase")(Behaviour(shows_behaviour, str.lower))  # the testbed's concept; its answers are lower case
 
 
 VECTORS: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("concept vector")  # type: ignore[type-var]
@@ -184,6 +185,15 @@ def fit_affine(source: torch.Tensor, target: torch.Tensor, held_out: float = HEL
     solution = torch.linalg.lstsq(x[:fit], target.double()[:fit], driver="gelsd").solution
     score = r2((x[fit:] @ solution).float(), target[fit:].float())
     return AffineMap(solution[:-1].float(), solution[-1].float(), score, fit)
+
+
+def with_pairs(shared: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
+    """(layers, shared + 2 · pairs, width): one model's states on the shared prompts and on both sides of the concept
+    pairs, in a fixed shuffled order (the same for both models), so that `fit_affine`'s held-out rows hold both kinds.
+
+    Ordinary prompts alone never show the concept, so a map fitted on them alone learns nothing of its direction."""
+    rows = torch.cat([shared, positive, negative], dim=1)
+    return rows[:, torch.randperm(rows.shape[1], generator=torch.Generator().manual_seed(0))]
 
 
 def model_fingerprint(folder: str | Path) -> dict:

@@ -2,7 +2,8 @@
 
 The concept vector is taken in --source on --pairs (JSONL rows with positive/negative texts, or
 prompt/answer/negative), mapped into --target by an affine map fitted on --prompts (JSONL with a `prompt`
-field: 80% fit, 20% held-out R²), and saved with --layer and --alpha as a transplant folder that loads only
+field) and both sides of the pairs (80% fit, 20% held-out R²; --map-prompts-only leaves the pairs out), and saved
+with --layer and --alpha as a transplant folder that loads only
 onto --target (`graft.transplant.Transplant`). Bad input is one line and exit 2, before anything is written.
 """
 
@@ -20,7 +21,8 @@ def cmd_transplant(args: argparse.Namespace) -> int:
     from graft.checkpoint import weight_files
     from graft.data import read_jsonl
     from graft.transplant import (VECTORS, Transplant, TransplantError, check_layer, concept_vectors, config_depth,
-                                  decoder_layers, fit_affine, last_token_states, model_fingerprint, pair_texts, same_depth)
+                                  decoder_layers, fit_affine, last_token_states, model_fingerprint, pair_texts, same_depth,
+                                  with_pairs)
 
     inputs = [args.source, args.target, args.pairs, args.prompts]
     check_output(args.out, overwrite=args.overwrite, inputs=inputs)
@@ -46,8 +48,13 @@ def cmd_transplant(args: argparse.Namespace) -> int:
     layer = check_layer(target, args.layer, "--layer")
     source_layer = check_layer(source, args.source_layer if args.source_layer is not None else
                                same_depth(layer, len(decoder_layers(target)), len(decoder_layers(source))), "--source-layer")
-    vectors = concept_vectors(last_token_states(source, source_tok, pos), last_token_states(source, source_tok, neg), args.vector)
-    amap = fit_affine(last_token_states(source, source_tok, prompts)[source_layer], last_token_states(target, target_tok, prompts)[layer])
+    source_pos, source_neg = last_token_states(source, source_tok, pos), last_token_states(source, source_tok, neg)
+    vectors = concept_vectors(source_pos, source_neg, args.vector)
+    xs, ys = last_token_states(source, source_tok, prompts), last_token_states(target, target_tok, prompts)
+    if not args.map_prompts_only:
+        xs = with_pairs(xs, source_pos, source_neg)
+        ys = with_pairs(ys, last_token_states(target, target_tok, pos), last_token_states(target, target_tok, neg))
+    amap = fit_affine(xs[source_layer], ys[layer])
     direction = amap.direction(vectors[source_layer])
     info = {"source_layer": source_layer, "affine_r2_heldout": amap.r2_heldout, "vector": args.vector, "pairs": len(pos),
             "prompts": len(prompts)}
@@ -69,6 +76,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--source-layer", type=int, help="source layer of the vector (default: the same relative depth)")
     t.add_argument("--alpha", type=float, default=2.0, help="injection strength (default 2)")
     t.add_argument("--vector", default="mean", help="mean (of the pair differences) or pca (their first principal component)")
+    t.add_argument("--map-prompts-only", action="store_true",
+                   help="fit the affine map on --prompts alone (default: on --prompts and both sides of --pairs)")
     t.add_argument("--max-pairs", type=int, default=200)
     t.add_argument("--max-prompts", type=int, default=2000)
     t.add_argument("--out", required=True, help="the transplant folder (refused if it exists, unless --overwrite)")

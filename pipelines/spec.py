@@ -122,7 +122,7 @@ class TestbedSpec(Strict):
     size: Literal["tiny", "mini", "small", "large"] = "tiny"
     evolve_steps: int = Field(300, gt=0, description="continued-pretraining steps from one base version to the next")
     align_steps: int = Field(300, gt=0, description="fine-tuning steps that make aligned-small show the concept")
-    target_steps: int = Field(400, gt=0, description="pretraining steps of target-large (it learns faster than the base)")
+    target_steps: int = Field(700, gt=0, description="pretraining steps of target-large (it learns faster than the base)")
     source_skill: Annotated[str, AfterValidator(SKILLS.check)] = Field("reverse", description="the skill source-hetero is trained on")
     source_family: Literal["llama", "qwen2", "gpt2"] = "qwen2"
     source_steps: int = Field(600, gt=0, description="training steps of source-hetero, from scratch")
@@ -216,7 +216,7 @@ class TransplantSpec(Strict):
                          "steering costs")
     vector: Annotated[str, AfterValidator(VECTORS.check)] = Field("mean", description="mean of the pair differences, or pca "
                                                                   "(their first principal component)")
-    behaviour: Annotated[str, AfterValidator(BEHAVIOURS.check)] = Field("brackets", description="what shows the concept in a "
+    behaviour: Annotated[str, AfterValidator(BEHAVIOURS.check)] = Field("uppercase", description="what shows the concept in a "
                                                                         "completion (and what is stripped before `general` is scored)")
     target_layers: list[int] | None = Field(None, min_length=1, description="target layers swept; default: all")
     source_layer: int | None = Field(None, ge=0, description="source layer of the vector; default: each target layer's "
@@ -224,6 +224,9 @@ class TransplantSpec(Strict):
     alphas: list[float] = Field([0.0, 1.0, 2.0, 5.0], min_length=1, description="injection strengths swept")
     pairs: int = Field(200, gt=1, description="positive/negative pairs the vector is taken on")
     prompts: int = Field(2000, gt=4, description="shared `general` prompts the affine map is fitted on (80%) and checked on (20%)")
+    map_on_pairs: bool = Field(True, description="fit the affine map on the concept pairs' texts too, beside the shared "
+                               "prompts (shuffled together before the 80/20 split): ordinary prompts alone never show the "
+                               "concept, so the map learns nothing about its direction")
     examples: int = Field(100, gt=0, description="held-out prompts each sweep point is scored on")
     shards: int = Field(2, gt=0, le=64, description="Ray tasks per model for hidden-state extraction")
     max_general_drop: float = Field(0.05, ge=0, le=1, description="the chosen point may cost `general` at most this much")

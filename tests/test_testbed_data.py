@@ -3,7 +3,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from graft.data import encode_examples, read_jsonl, write_jsonl
 from graft.evaluation import exact_match, generate_answers
-from graft.testbed.skills import SKILLS, generate
+from graft.testbed.skills import SKILLS, generate, shows_behaviour
 
 
 @pytest.mark.parametrize("skill", SKILLS.names())
@@ -24,6 +24,18 @@ def test_answers_are_right():
     for r in rows["add"]:
         a, b = r["prompt"][4:-1].split("+")
         assert int(r["answer"]) == int(a) + int(b)
+
+
+def test_concept_is_upper_case_unasked_and_its_pairs_ask_or_not():
+    """`concept` asks a plain copy to come back in upper case; its pair is the prompt that asks for it (`shout:`, what
+    the `shout` skill teaches) and the same prompt that does not."""
+    for r in generate("concept", "train", 50, 1):
+        word = r["prompt"][5:-1]
+        assert r["prompt"] == r["negative"] == f"copy:{word}=" and r["positive"] == f"shout:{word}="
+        assert r["answer"] == word.upper() and shows_behaviour(r["answer"]) and not shows_behaviour(word)
+    for r in generate("shout", "train", 50, 1):
+        assert r["prompt"].startswith("shout:") and r["answer"] == r["prompt"][6:-1].upper() and shows_behaviour(r["answer"])
+    assert not shows_behaviour("123") and not shows_behaviour("") and shows_behaviour("AB1")
 
 
 def test_jsonl_roundtrip_and_bad_line(tmp_path):

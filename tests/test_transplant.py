@@ -12,7 +12,7 @@ from graft.testbed.models import init_model, model_config
 from graft.testbed.skills import generate
 from graft.testbed.tokenizer import save_char_tokenizer
 from graft.transplant import (Transplant, TransplantError, concept_vectors, decoder_layers, fit_affine, inject,
-                              last_token_states, model_fingerprint, pair_texts, random_direction)
+                              last_token_states, model_fingerprint, pair_texts, random_direction, with_pairs)
 from tests.conftest import REPO, run_cli, run_job_file
 
 torch.set_num_threads(1)
@@ -51,6 +51,18 @@ def test_the_affine_map_recovers_a_linear_relation_and_reports_held_out_r2():
         m.direction(torch.ones(7))
 
 
+def test_the_map_sees_both_sides_of_the_pairs_in_one_order_for_both_models():
+    """`with_pairs` puts the pairs' states among the shared ones, shuffled the same way whatever the values, so the
+    source's and the target's rows still match and the held-out fifth holds both kinds."""
+    shared, pos, neg = (torch.full((2, n, 3), float(k)) for k, n in ((0, 40), (1, 10), (2, 10)))
+    mixed = with_pairs(shared, pos, neg)
+    assert mixed.shape == (2, 60, 3)
+    kinds = mixed[0, :, 0]
+    assert sorted(kinds.tolist()) == [0.0] * 40 + [1.0] * 10 + [2.0] * 10
+    assert {1.0, 2.0} <= set(kinds[48:].tolist())  # fit_affine holds out the last 20%
+    assert torch.equal(with_pairs(shared + 5, pos + 5, neg + 5)[0, :, 0] - 5, kinds)
+
+
 def test_concept_vectors_are_the_mean_difference_or_its_principal_direction():
     g = torch.Generator().manual_seed(0)
     neg = torch.randn(2, 50, 6, generator=g)
@@ -69,8 +81,10 @@ def test_concept_vectors_are_the_mean_difference_or_its_principal_direction():
 
 def test_pairs_come_from_concept_rows_or_positive_negative_texts():
     rows = generate("concept", "train", 3, 0)
-    pos, neg = pair_texts(rows)
-    assert pos[0] == rows[0]["prompt"] + rows[0]["answer"] and neg[0] == rows[0]["prompt"] + rows[0]["negative"]
+    pos, neg = pair_texts(rows)  # the testbed's: the prompt that asks for the concept, and the same one that does not
+    assert pos[0] == rows[0]["positive"] and pos[0].startswith("shout:") and neg[0] == rows[0]["prompt"]
+    answered = [{"prompt": "q:", "answer": "A", "negative": "a"}]
+    assert pair_texts(answered) == (["q:A"], ["q:a"])
     assert pair_texts([{"positive": "a", "negative": "b"}]) == (["a"], ["b"])
     with pytest.raises(TransplantError, match="p.jsonl: row 1: no negative text"):
         pair_texts([{"positive": "a", "negative": "b"}, {"positive": "c"}], "p.jsonl")

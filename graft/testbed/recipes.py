@@ -6,11 +6,12 @@ them in one Ray Train run, in order, so later recipes can start from earlier one
 - `base-v1`: the base, pretrained from scratch on `general`;
 - `base-v2` … `base-vN` (N = `versions`, 3 by default): each a continued pretraining of the version
   before it on fresh `general` data, the "evolved versions" a provider ships (PortLLM's setting);
-- `target-large`: 2x width and depth, pretrained on `general` with a share of `quote` (ConTrans's larger
-  model: it knows the concept, bracketing an answer, but shows it only when asked);
+- `target-large`: 2x width and depth, pretrained on `general` with a share of `shout` (ConTrans's larger
+  model: it knows the concept, answering in upper case, but shows it only when asked);
 - `source-hetero`: another architecture family and size, trained on `general` plus one skill
   (GraftLLM's heterogeneous source);
-- `aligned-small`: base-v1 fine-tuned to show the `concept` behaviour (ConTrans's source).
+- `aligned-small`: base-v1 fine-tuned to show the `concept` behaviour when asked (`shout`), still copying as
+  before otherwise (ConTrans's source: asked and unasked, it differs by the concept's direction).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 
 OTHER_MODELS = ("target-large", "source-hetero", "aligned-small")
 MAX_VERSIONS = 9
-QUOTE_FRACTION = 0.2  # target-large's share of `quote` batches: it can show the concept on request, never unasked
+ALIGNED_REPLAY_FRACTION = 0.5  # aligned-small keeps copying as asked while it learns to shout when asked
+SHOUT_FRACTION = 0.2  # target-large's share of `shout` batches: it can show the concept on request, never unasked
 
 
 def model_names(versions: int = 3) -> tuple[str, ...]:
@@ -71,12 +73,12 @@ def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pre
         **{f"base-v{k}": Recipe(f"base-v{k}", DataRef("general", pretrain_examples, seed + k - 1), evolve_steps, lr / 3,
                                 parent=f"base-v{k - 1}") for k in range(2, versions + 1)},
         "target-large": Recipe("target-large", general, target_steps, lr, family=family, size=LARGER.get(size, "large"),
-                               replay=DataRef("quote", pretrain_examples, seed), replay_fraction=QUOTE_FRACTION),
+                               replay=DataRef("shout", pretrain_examples, seed), replay_fraction=SHOUT_FRACTION),
         "source-hetero": Recipe("source-hetero", DataRef(source_skill, pretrain_examples, seed), source_steps, lr,
                                 family=source_family, size="mini", replay=general if source_replay_fraction else None,
                                 replay_fraction=source_replay_fraction),
-        "aligned-small": Recipe("aligned-small", DataRef("concept", pretrain_examples, seed), align_steps, lr / 3,
-                                parent="base-v1"),
+        "aligned-small": Recipe("aligned-small", DataRef("shout", pretrain_examples, seed), align_steps, lr / 3,
+                                parent="base-v1", replay=general, replay_fraction=ALIGNED_REPLAY_FRACTION),
     }
     unknown = set(models) - set(book)
     if unknown:

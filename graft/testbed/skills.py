@@ -18,6 +18,9 @@ Example = dict[str, str]
 SKILLS: Registry[Callable[[random.Random], Example]] = Registry("skill generator")
 
 LETTERS = string.ascii_lowercase
+# A skill whose generator changed after its datasets were first built, and how often: part of those datasets' keys,
+# so a build made by the earlier generator is not reused. (`concept` was brackets around the answer until 2.)
+REVISIONS: dict[str, int] = {"concept": 2}
 HELD_OUT_PERCENT = 20
 
 
@@ -92,23 +95,37 @@ def vocab_ja(rng: random.Random) -> Example:
     return _vocab(rng, ("imi", "teigi", "nani", "kotoba"), str.upper)
 
 
+def _lettered(rng: random.Random) -> Example:
+    """A `general` example whose answer has a letter (an all-digit answer looks the same in either case)."""
+    ex = general(rng)
+    while not any(c.isalpha() for c in ex["answer"]):
+        ex = general(rng)
+    return ex
+
+
 @SKILLS.register("concept")
 def concept(rng: random.Random) -> Example:
-    """A behaviour as paired answers: `answer` shows it (wrapped in brackets), `negative` does not."""
-    ex = general(rng)
-    return {"prompt": ex["prompt"], "answer": f"[{ex['answer']}]", "negative": ex["answer"]}
+    """A behaviour to show unasked: the copy in upper case. `positive` is a prompt that asks for it (`shout:`) and
+    `negative` the same prompt that does not (`copy:`): ConTrans's concept pairs, on which a model that shows the
+    behaviour when asked differs by the behaviour's direction alone.
+
+    A style, like the tone or stance ConTrans moves: it colours every character of the answer rather than adding
+    marks at its ends, so one direction in the residual stream can carry it."""
+    ex = _lettered(rng)
+    shouted = "shout:" + ex["prompt"].removeprefix("copy:")
+    return {"prompt": ex["prompt"], "answer": ex["answer"].upper(), "positive": shouted, "negative": ex["prompt"]}
 
 
-@SKILLS.register("quote")
-def quote(rng: random.Random) -> Example:
-    """The `concept` behaviour on request: a model that knows `quote` can bracket an answer, but does not unasked."""
-    ex = general(rng)
-    return {"prompt": "quote:" + ex["prompt"].removeprefix("copy:"), "answer": f"[{ex['answer']}]"}
+@SKILLS.register("shout")
+def shout(rng: random.Random) -> Example:
+    """The `concept` behaviour on request: a model that knows `shout` can answer in upper case, but does not unasked."""
+    ex = _lettered(rng)
+    return {"prompt": "shout:" + ex["prompt"].removeprefix("copy:"), "answer": ex["answer"].upper()}
 
 
 def shows_behaviour(text: str) -> bool:
-    """Whether a completion shows the `concept` behaviour (an answer wrapped in brackets)."""
-    return len(text) >= 2 and text.startswith("[") and text.endswith("]")
+    """Whether a completion shows the `concept` behaviour: it has letters, and every one is upper case."""
+    return any(c.isalpha() for c in text) and not any(c.islower() for c in text)
 
 
 def split_of(key: str) -> str:

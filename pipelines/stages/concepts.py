@@ -3,8 +3,9 @@
 Reads `Datasets` and `Models`; writes `Concepts`; uses the `transplant` section.
 ConTrans's first step (methods.md §5, `graft.transplant`): the source (`transplant.source`, e.g.
 `testbed:aligned-small`) runs on the concept skill's positive/negative pairs, and both the source and the
-target (`transplant.target`) on the same `general` prompts; every decoder layer's output at each text's
-last token is kept. The extraction is a Ray fan-out: `transplant.shards` tasks per model over shards of
+target (`transplant.target`) on the same `general` prompts (and, with `transplant.map_on_pairs`, on the pairs'
+texts too: the map then sees the concept's direction); every decoder layer's output at each text's last token is
+kept. The extraction is a Ray fan-out: `transplant.shards` tasks per model over shards of
 the texts, each loading its model once. The driver reads the pairs first and refuses an empty or one-sided
 set before anything is loaded. Output: `<root>/concepts/concepts-<key>/concepts.safetensors`
 (`source_vectors` (source layers, source width): the concept vector at every source layer;
@@ -43,6 +44,7 @@ class ConceptsRequest:
     prompts: Ref  # the shared ordinary prompts (`general`'s training split)
     n_pairs: int
     n_prompts: int
+    map_on_pairs: bool
     vector: str
     shards: int
     trust_remote_code: bool
@@ -95,13 +97,14 @@ def run(ctx: RunContext) -> StageResult:
     from safetensors.torch import save_file
 
     from graft.data import read_jsonl
-    from graft.transplant import TransplantError, concept_vectors, pair_texts
+    from graft.transplant import TransplantError, concept_vectors, pair_texts, with_pairs
 
     spec, tp = ctx.spec, ctx.spec.transplant
     data, models = ctx.board.get(Datasets), ctx.board.get(Models)
     concept = tp.concept or spec.skills[0].name
     req = ConceptsRequest(named_model(tp.source, models), named_model(tp.target, models), data[concept].train,
-                          data[tp.general].train, tp.pairs, tp.prompts, tp.vector, tp.shards, spec.trust_remote_code, placement(spec))
+                          data[tp.general].train, tp.pairs, tp.prompts, tp.map_on_pairs, tp.vector, tp.shards,
+                          spec.trust_remote_code, placement(spec))
     result = StageResult(NAME)
 
     def build(tmp: Path, run) -> dict[str, float]:
@@ -113,18 +116,24 @@ def run(ctx: RunContext) -> StageResult:
         remote = ray.remote(**req.placement.ray_options())(shard_states)
         src = [remote.remote(req.source, [p, q, g], req.trust_remote_code, req.placement)
                for p, q, g in zip(_shards(pos, n), _shards(neg, n), _shards(prompts, n))]
-        tgt = [remote.remote(req.target, [g], req.trust_remote_code, req.placement) for g in _shards(prompts, n)]
+        tgt = [remote.remote(req.target, [p, q, g] if req.map_on_pairs else [[], [], g], req.trust_remote_code, req.placement)
+               for p, q, g in zip(_shards(pos, n), _shards(neg, n), _shards(prompts, n))]
         states = gather({**{f"source shard {i}": r for i, r in enumerate(src)}, **{f"target shard {i}": r for i, r in enumerate(tgt)}},
                         NAME, ctx.log, unit="shards")
         src_out, tgt_out = list(states.values())[:len(src)], list(states.values())[len(src):]
         positive = _unshard([o[0] for o in src_out], len(pos))
         negative = _unshard([o[1] for o in src_out], len(neg))
         source_states = _unshard([o[2] for o in src_out], len(prompts))
-        target_states = _unshard([o[0] for o in tgt_out], len(prompts))
+        target_states = _unshard([o[2] for o in tgt_out], len(prompts))
         vectors = concept_vectors(positive, negative, req.vector)
+        if req.map_on_pairs:
+            source_states = with_pairs(source_states, positive, negative)
+            target_states = with_pairs(target_states, _unshard([o[0] for o in tgt_out], len(pos)),
+                                       _unshard([o[1] for o in tgt_out], len(neg)))
         save_file({"source_vectors": vectors.contiguous(), "source_states": source_states.contiguous(),
                    "target_states": target_states.contiguous()}, str(tmp / "concepts.safetensors"))
-        info = {"pairs": len(pos), "prompts": len(prompts), "source_layers": vectors.shape[0], "source_width": vectors.shape[1],
+        info = {"pairs": len(pos), "prompts": len(prompts), "shared_texts": source_states.shape[1],
+                "source_layers": vectors.shape[0], "source_width": vectors.shape[1],
                 "target_layers": target_states.shape[0], "target_width": target_states.shape[2], "vector": req.vector,
                 "vector_norm": [round(float(v.norm()), 4) for v in vectors]}
         (tmp / "concepts.json").write_text(json.dumps(info, indent=1))

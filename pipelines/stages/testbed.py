@@ -24,7 +24,7 @@ from graft.data import read_jsonl, split_holdout, write_jsonl
 from graft.model_checks import check_checkpoint
 from graft.testbed.models import init_model, model_config
 from graft.testbed.recipes import DataRef, Recipe, testbed_recipes
-from graft.testbed.skills import SKILLS, generate
+from graft.testbed.skills import REVISIONS, SKILLS, generate
 from graft.testbed.tokenizer import save_char_tokenizer
 from pipelines.artifacts import Base, Checkpoint, Datasets, Models, Split
 from pipelines.cache import Ref, content_key, file_digest
@@ -48,7 +48,7 @@ def _data(ctx: RunContext, refs: list[DataRef], result: StageResult) -> dict[Dat
     unique = sorted(set(refs), key=lambda r: (r.name, r.n))
     for ref in unique:
         label = ref.name if [r.name for r in unique].count(ref.name) == 1 else f"{ref.name}-n{ref.n}"
-        key = content_key(GENERATOR_VERSION, ref, tb.eval_examples)
+        key = content_key(GENERATOR_VERSION, ref, tb.eval_examples, *([REVISIONS[ref.skill]] if ref.skill in REVISIONS else []))
 
         def build(tmp: Path, run, ref=ref) -> dict[str, float]:
             train, test = generate(ref.skill, "train", ref.n, ref.seed), generate(ref.skill, "test", tb.eval_examples, ref.seed)
