@@ -69,8 +69,8 @@ def one_seed(base_job: dict, seed: int, output_dir: Path) -> dict:
     tests = {s: read_jsonl(data[s].test.path) for s in (*SKILLS, "general")}
     from graft.testbed.skills import generate
 
-    concept = [r["prompt"] for r in generate("concept", "test", spec.testbed.eval_examples, spec.seed)]
-    asking = [r["positive"] for r in generate("concept", "test", spec.testbed.eval_examples, spec.seed)]
+    concept_rows = generate("concept", "test", spec.testbed.eval_examples, spec.seed)
+    concept, asking = [r["prompt"] for r in concept_rows], [r["positive"] for r in concept_rows]
     torch.set_num_threads(os.cpu_count() or 1)
     accuracy: dict[str, dict[str, float]] = {}
     behaviour: dict[str, float] = {}

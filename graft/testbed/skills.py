@@ -103,6 +103,11 @@ def _lettered(rng: random.Random) -> Example:
     return ex
 
 
+def _shouted(prompt: str) -> str:
+    """`copy:x=` asked for in upper case: `shout:x=`."""
+    return "shout:" + prompt.removeprefix("copy:")
+
+
 @SKILLS.register("concept")
 def concept(rng: random.Random) -> Example:
     """A behaviour to show unasked: the copy in upper case. `positive` is a prompt that asks for it (`shout:`) and
@@ -112,15 +117,14 @@ def concept(rng: random.Random) -> Example:
     A style, like the tone or stance ConTrans moves: it colours every character of the answer rather than adding
     marks at its ends, so one direction in the residual stream can carry it."""
     ex = _lettered(rng)
-    shouted = "shout:" + ex["prompt"].removeprefix("copy:")
-    return {"prompt": ex["prompt"], "answer": ex["answer"].upper(), "positive": shouted, "negative": ex["prompt"]}
+    return {"prompt": ex["prompt"], "answer": ex["answer"].upper(), "positive": _shouted(ex["prompt"]), "negative": ex["prompt"]}
 
 
 @SKILLS.register("shout")
 def shout(rng: random.Random) -> Example:
     """The `concept` behaviour on request: a model that knows `shout` can answer in upper case, but does not unasked."""
     ex = _lettered(rng)
-    return {"prompt": "shout:" + ex["prompt"].removeprefix("copy:"), "answer": ex["answer"].upper()}
+    return {"prompt": _shouted(ex["prompt"]), "answer": ex["answer"].upper()}
 
 
 def shows_behaviour(text: str) -> bool:
