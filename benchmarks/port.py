@@ -16,9 +16,10 @@ and port_eval. For each skill and new version this reports:
 Writes `benchmarks/results/port.json`:
   {"provenance", "rows": [{"skill", "base", "zero_shot", "ported", "finetuned", "port_seconds", "finetune_seconds",
    "port_peak_mb", "finetune_peak_mb", "delta_drift", "update_gap", "update_cosine", "seeds": {SEED: {...}}}], "target": {...}}
-(accuracies 0..1 held-out exact match, means over seeds) and `benchmarks/results/port.png` (the decay).
+(accuracies 0..1 held-out exact match, means over seeds) and `benchmarks/results/port.png` (the decay by version, and
+ported accuracy against the base's drift).
 
-    .venv/bin/python benchmarks/port.py [--seeds 0 1] [--output-dir runs/bench-port]
+    .venv/bin/python benchmarks/port.py [--seeds 0 1 2] [--output-dir runs/bench-port]
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     skills = sorted({r["skill"] for r in rows})
-    fig, axes = plt.subplots(1, len(skills), figsize=(4.5 * len(skills), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(skills) + 1, figsize=(4.5 * (len(skills) + 1), 3.8), squeeze=False)
     for ax, skill in zip(axes[0], skills):
         mine = [r for r in rows if r["skill"] == skill]
         xs = [r["base"] for r in mine]
@@ -134,6 +135,15 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{skill}: LoRA patch from base-v1", fontsize=10)
         ax.set_ylabel("held-out exact match")
         ax.legend(fontsize=8)
+    drift = axes[0][-1]
+    for skill, marker in zip(skills, "os^D"):
+        points = [(v["delta_drift"], v["ported"]) for r in rows if r["skill"] == skill for v in r["seeds"].values()]
+        drift.plot([p[0] for p in points], [p[1] for p in points], marker, alpha=0.7, label=f"{skill} ported")
+    drift.set_xlabel("drift: mean ‖θ' − θ‖ / ‖θ‖ over the patch's modules")
+    drift.set_xlim(left=0)
+    drift.set_ylim(-0.02, 1.05)
+    drift.set_title("ported, by drift (every seed and version)", fontsize=10)
+    drift.legend(fontsize=8)
     fig.suptitle("PortLLM on the testbed's version chain (mean of seeds, min-max bars)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -166,7 +166,7 @@ def testbed_recipes_for(spec: JobSpec, models: list[str]) -> list:
 
     tb = spec.testbed
     return testbed_recipes(models, family=tb.family, size=tb.size, seed=spec.seed, pretrain_examples=tb.pretrain_examples,
-                           pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps,
+                           pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps, evolve_lr=tb.evolve_lr,
                            align_steps=tb.align_steps, target_steps=tb.target_steps, source_skill=tb.source_skill,
                            source_family=tb.source_family, source_steps=tb.source_steps,
                            source_replay_fraction=tb.source_replay_fraction, versions=tb.versions)

@@ -121,6 +121,8 @@ class TestbedSpec(Strict):
     family: Literal["llama", "qwen2", "gpt2"] = "llama"
     size: Literal["tiny", "mini", "small", "large"] = "tiny"
     evolve_steps: int = Field(300, gt=0, description="continued-pretraining steps from one base version to the next")
+    evolve_lr: float | None = Field(None, gt=0, description="peak learning rate of each continued pretraining (default "
+                                    "pretrain_lr / 3): with evolve_steps, how far each version drifts from the one before")
     align_steps: int = Field(300, gt=0, description="fine-tuning steps that make aligned-small show the concept")
     target_steps: int = Field(700, gt=0, description="pretraining steps of target-large (it learns faster than the base)")
     source_skill: Annotated[str, AfterValidator(SKILLS.check)] = Field("reverse", description="the skill source-hetero is trained on")

@@ -94,6 +94,16 @@ def test_the_version_chain_is_as_long_as_asked(tmp_path):
         ("base-v1", None, 0), ("base-v2", "base-v1", 1), ("base-v3", "base-v2", 2), ("base-v4", "base-v3", 3), ("base-v5", "base-v4", 4)]
 
 
+@pytest.mark.parametrize("evolve_lr, expected", [(None, 1e-3 / 3), (2e-4, 2e-4)])
+def test_evolve_lr_sets_each_new_versions_learning_rate_and_only_theirs(evolve_lr, expected):
+    recipes = recipes_for(["base-v3", "aligned-small"], family="llama", size="tiny", seed=0, pretrain_examples=10, pretrain_steps=5,
+                          lr=1e-3, evolve_steps=5, align_steps=5, target_steps=5, source_skill="reverse", source_family="qwen2",
+                          source_steps=5, source_replay_fraction=0.0, versions=3, evolve_lr=evolve_lr)
+    lrs = {r.name: r.lr for r in recipes}
+    assert lrs == {"base-v1": 1e-3, "base-v2": pytest.approx(expected), "base-v3": pytest.approx(expected),
+                   "aligned-small": pytest.approx(1e-3 / 3)}
+
+
 def job(**sections):
     return parse_job({"name": "t", "recipe": "port", "skills": [{"name": "reverse"}], **sections}, "job.yaml")
 

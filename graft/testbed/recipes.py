@@ -61,8 +61,12 @@ class Recipe:
 
 def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pretrain_examples: int, pretrain_steps: int,
                     lr: float, evolve_steps: int, align_steps: int, target_steps: int, source_skill: str, source_family: str,
-                    source_steps: int, source_replay_fraction: float, versions: int = 3) -> list[Recipe]:
+                    source_steps: int, source_replay_fraction: float, versions: int = 3,
+                    evolve_lr: float | None = None) -> list[Recipe]:
     """Recipes for `models` (and whatever they start from), parents before children.
+
+    `evolve_lr` is the peak learning rate of each continued pretraining base-v(k-1) → base-vk (default `lr / 3`): how far
+    a version moves from the one before, the drift a patch ported across it has to survive.
 
     Steps are set per model because the models learn at different speeds: the larger target learns the
     shared format in far fewer steps than the base, and a model pretrained on one skill needs its own count.
@@ -70,7 +74,8 @@ def testbed_recipes(models: list[str], *, family: str, size: str, seed: int, pre
     general = DataRef("general", pretrain_examples, seed)
     book = {
         "base-v1": Recipe("base-v1", general, pretrain_steps, lr, family=family, size=size),
-        **{f"base-v{k}": Recipe(f"base-v{k}", DataRef("general", pretrain_examples, seed + k - 1), evolve_steps, lr / 3,
+        **{f"base-v{k}": Recipe(f"base-v{k}", DataRef("general", pretrain_examples, seed + k - 1), evolve_steps,
+                                lr / 3 if evolve_lr is None else evolve_lr,
                                 parent=f"base-v{k - 1}") for k in range(2, versions + 1)},
         "target-large": Recipe("target-large", general, target_steps, lr, family=family, size=LARGER.get(size, "large"),
                                replay=DataRef("shout", pretrain_examples, seed), replay_fraction=SHOUT_FRACTION),

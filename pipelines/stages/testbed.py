@@ -70,8 +70,8 @@ def run(ctx: RunContext) -> StageResult:
     if spec.base == "testbed":
         recipes = testbed_recipes(
             sorted({"base-v1", *tb.models}), family=tb.family, size=tb.size, seed=spec.seed, pretrain_examples=tb.pretrain_examples,
-            pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps, align_steps=tb.align_steps,
-            target_steps=tb.target_steps, source_skill=tb.source_skill, source_family=tb.source_family,
+            pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps, evolve_lr=tb.evolve_lr,
+            align_steps=tb.align_steps, target_steps=tb.target_steps, source_skill=tb.source_skill, source_family=tb.source_family,
             source_steps=tb.source_steps, source_replay_fraction=tb.source_replay_fraction, versions=tb.versions)
     refs = [DataRef(s.name, tb.pretrain_examples if s.name == "general" else tb.train_examples, spec.seed)
             for s in spec.skills if s.train is None]
