@@ -22,7 +22,7 @@ Writes `benchmarks/results/transfer.json`:
    "pack_1_30_bytes_ratio", "seeds": {SEED: {...the same, per seed..., "distill": {...}, "dpo": {...}}}}], "target": {...}}
 (accuracies 0..1, means over seeds) and `benchmarks/results/transfer.png`.
 
-    .venv/bin/python benchmarks/transfer.py [--seeds 0 1] [--output-dir runs/bench-transfer]
+    .venv/bin/python benchmarks/transfer.py [--seeds 0 1 2] [--output-dir runs/bench-transfer]
 """
 
 from __future__ import annotations
