@@ -154,22 +154,10 @@ class ModelBook:
         from graft.testbed.models import model_config
         from graft.testbed.tokenizer import build_char_tokenizer
 
-        root = testbed_recipes_for(self.spec, [name])[0]
+        root = self.spec.testbed.recipes([name], self.spec.seed)[0]
         tok = build_char_tokenizer()
         config = model_config(root.family, root.size, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
         return shape_from_config(config, f"testbed {name} ({root.family}-{root.size})")
-
-
-def testbed_recipes_for(spec: JobSpec, models: list[str]) -> list:
-    """The testbed recipes that make `models`, parents first, with the job's testbed settings (as the testbed stage builds them)."""
-    from graft.testbed.recipes import testbed_recipes
-
-    tb = spec.testbed
-    return testbed_recipes(models, family=tb.family, size=tb.size, seed=spec.seed, pretrain_examples=tb.pretrain_examples,
-                           pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps, evolve_lr=tb.evolve_lr,
-                           align_steps=tb.align_steps, target_steps=tb.target_steps, source_skill=tb.source_skill,
-                           source_family=tb.source_family, source_steps=tb.source_steps,
-                           source_replay_fraction=tb.source_replay_fraction, versions=tb.versions)
 
 
 @dataclass(frozen=True)
@@ -336,7 +324,7 @@ def _testbed(inp: PlanInputs) -> StagePlan:
         return StagePlan("testbed", 0, {}, "driver", how="data files only: the base is not a testbed model")
     from pipelines.stages.testbed import model_requests
 
-    recipes = testbed_recipes_for(spec, sorted({"base-v1", *spec.testbed.models}))
+    recipes = spec.testbed.recipes(sorted({"base-v1", *spec.testbed.models}), spec.seed)
     blank: defaultdict = defaultdict(lambda: {"train": "", "key": ""})  # the requests' data refs do not size anything
     reqs = model_requests(spec, recipes, blank, Path("."), lambda name, key: Path(name))
     plans = [training_plan("testbed", inp, inp.models.get(TESTBED + r.name), method=reqs[r.name].mode,

@@ -33,7 +33,7 @@ from graft.skillpack import RANK_VALUES, PackSettings
 from graft.sparse import MASK_RULES
 from graft.transplant import BEHAVIOURS, VECTORS
 from graft.strict_yaml import load_yaml
-from graft.testbed.recipes import MAX_VERSIONS, model_names
+from graft.testbed.recipes import MAX_VERSIONS, Recipe, model_names, testbed_recipes
 from graft.testbed.skills import SKILLS
 from pipelines.merge_search import SAMPLERS
 from pipelines.sweep_metrics import metric_problem
@@ -148,6 +148,15 @@ class TestbedSpec(Strict):
             if name not in known:
                 raise ValueError(f"unknown testbed model {name!r}; known with versions={versions}: {', '.join(known)}")
         return v
+
+    def recipes(self, models: list[str], seed: int) -> list[Recipe]:
+        """The recipes that make `models`, parents first, with these settings: what the testbed stage builds and what
+        `graft plan` sizes, from one place."""
+        return testbed_recipes(models, family=self.family, size=self.size, seed=seed, pretrain_examples=self.pretrain_examples,
+                               pretrain_steps=self.pretrain_steps, lr=self.pretrain_lr, evolve_steps=self.evolve_steps,
+                               evolve_lr=self.evolve_lr, align_steps=self.align_steps, target_steps=self.target_steps,
+                               source_skill=self.source_skill, source_family=self.source_family, source_steps=self.source_steps,
+                               source_replay_fraction=self.source_replay_fraction, versions=self.versions)
 
 
 class DistillSpec(Strict):

@@ -23,7 +23,7 @@ from pathlib import Path
 from graft.data import read_jsonl, split_holdout, write_jsonl
 from graft.model_checks import check_checkpoint
 from graft.testbed.models import init_model, model_config
-from graft.testbed.recipes import DataRef, Recipe, testbed_recipes
+from graft.testbed.recipes import DataRef, Recipe
 from graft.testbed.skills import REVISIONS, SKILLS, generate
 from graft.testbed.tokenizer import save_char_tokenizer
 from pipelines.artifacts import Base, Checkpoint, Datasets, Models, Split
@@ -68,11 +68,7 @@ def run(ctx: RunContext) -> StageResult:
     result = StageResult(NAME)
     recipes: list[Recipe] = []
     if spec.base == "testbed":
-        recipes = testbed_recipes(
-            sorted({"base-v1", *tb.models}), family=tb.family, size=tb.size, seed=spec.seed, pretrain_examples=tb.pretrain_examples,
-            pretrain_steps=tb.pretrain_steps, lr=tb.pretrain_lr, evolve_steps=tb.evolve_steps, evolve_lr=tb.evolve_lr,
-            align_steps=tb.align_steps, target_steps=tb.target_steps, source_skill=tb.source_skill, source_family=tb.source_family,
-            source_steps=tb.source_steps, source_replay_fraction=tb.source_replay_fraction, versions=tb.versions)
+        recipes = tb.recipes(sorted({"base-v1", *tb.models}), spec.seed)
     refs = [DataRef(s.name, tb.pretrain_examples if s.name == "general" else tb.train_examples, spec.seed)
             for s in spec.skills if s.train is None]
     refs.append(DataRef("general", tb.pretrain_examples, spec.seed))
