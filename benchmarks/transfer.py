@@ -1,7 +1,7 @@
 """Cross-model transfer (GraftLLM, methods.md §1): does a skill move from a model of another family into the base,
 and does the SkillPack of the base's own delta keep it?
 
-Per seed (each seed its own testbed: base-v1, a tiny Llama, and source-hetero, a smaller Qwen2 trained on
+Per seed (each seed its own testbed: base-v1, a small Llama, and source-hetero, a smaller Qwen2 trained on
 the skill), the pipeline runs these variants of `jobs/transfer.yaml`, reusing every stage they share:
 - `distilled_full`: the transfer recipe: source answers the skill's training prompts, the answers equal to
   the reference are kept, the base is fully fine-tuned on them (Ray Train + DeepSpeed ZeRO-2);
