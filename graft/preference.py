@@ -40,6 +40,11 @@ def preference_pairs(rows: list[dict[str, str]], answers: list[str], extras: lis
             for r, a, x in zip(rows, answers, extras) if a != r["answer"]]
 
 
+def labelled_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """Per sequence, how many tokens `sequence_logps` sums over (the predicted labelled ones)."""
+    return (labels[:, 1:] != -100).sum(-1)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per sequence, the summed log-probability of its labelled tokens (labels -100 carry none), next-token aligned."""
     logits, labels = logits[:, :-1], labels[:, 1:]
@@ -91,7 +96,18 @@ class DpoLoss:
 
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-             beta: float) -> DpoLoss:
-    """−log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]), averaged over the pairs."""
+             beta: float, nll_weight: float = 0.0, chosen_tokens: torch.Tensor | None = None) -> DpoLoss:
+    """−log σ(β[(log π(c) − log π_ref(c)) − (log π(r) − log π_ref(r))]), averaged over the pairs.
+
+    With `nll_weight` α > 0, α × the chosen answers' per-token negative log-likelihood is added (RPO, Pang et al. 2024;
+    TRL's `rpo_alpha`): plain DPO only widens the margin, and may do so by lowering the chosen answer's likelihood too,
+    so the greedy answer can drift to a third one. `chosen_tokens` (the labelled tokens of each chosen answer) is then
+    needed to make the sums per-token.
+    """
     margins = beta * ((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected))
-    return DpoLoss(-F.logsigmoid(margins).mean(), margins.detach())  # the statistics are read on demand, off the training step
+    loss = -F.logsigmoid(margins).mean()
+    if nll_weight:
+        if chosen_tokens is None:
+            raise ValueError("dpo_loss: nll_weight > 0 needs chosen_tokens")
+        loss = loss + nll_weight * (-(policy_chosen / chosen_tokens.clamp(min=1)).mean())
+    return DpoLoss(loss, margins.detach())  # the statistics are read on demand, off the training step

@@ -183,6 +183,9 @@ class DpoSpec(Strict):
     loop and the `train` section's workers, ZeRO stage and precision."""
 
     beta: float = Field(0.1, gt=0, description="how far the policy may move from the SFT reference (DPO's β)")
+    nll_weight: float = Field(0.0, ge=0, description="weight of the chosen answers' per-token NLL added to the "
+                              "DPO loss (RPO; TRL's rpo_alpha): keeps the chosen answer likely while the margin widens "
+                              "(0: plain DPO)")
     steps: int = Field(100, gt=0)
     lr: float = Field(1e-4, gt=0, description="usually 10× below the SFT learning rate")
     batch_size: int = Field(16, gt=0, description="pairs per worker (each pair is two sequences)")

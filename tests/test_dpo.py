@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from graft.data import collate, encode_examples
 from graft.evaluation import generate_answers
-from graft.preference import answer_logps, dpo_loss, encode_pair, preference_pairs, rejected_answers, sequence_logps
+from graft.preference import (answer_logps, dpo_loss, encode_pair, labelled_tokens, preference_pairs, rejected_answers,
+                              sequence_logps)
 from pipelines.cache import Ref, content_key
 from pipelines.recipes import check_job
 from pipelines.spec import SpecError, parse_job
@@ -59,6 +60,17 @@ def test_the_dpo_loss_is_log_two_at_the_reference_and_falls_as_the_chosen_answer
     assert better.accuracy == 1.0 and better.margin == pytest.approx(1.5)
 
 
+def test_the_nll_weight_adds_the_chosen_answers_per_token_nll_to_the_dpo_loss():
+    ref_c, ref_r = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    tokens = torch.tensor([3, 5])
+    plain = dpo_loss(ref_c, ref_r, ref_c, ref_r, beta=0.1).loss.item()
+    rpo = dpo_loss(ref_c, ref_r, ref_c, ref_r, beta=0.1, nll_weight=0.5, chosen_tokens=tokens)
+    assert rpo.loss.item() == pytest.approx(plain + 0.5 * (3 / 3 + 5 / 5) / 2)  # per-token NLL 1.0 on both pairs
+    assert rpo.margin == 0.0  # the margins are DPO's alone
+    with pytest.raises(ValueError, match="nll_weight > 0 needs chosen_tokens"):
+        dpo_loss(ref_c, ref_r, ref_c, ref_r, beta=0.1, nll_weight=1.0)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     base = make_base(tmp_path_factory.mktemp("dpo") / "base")
@@ -89,6 +101,11 @@ def test_the_loop_scores_pairs_as_the_reference_was_scored(tiny):
     assert examples[0][:2] == encode_pair(tok, rows[0], 64)
     model.eval()
     assert dpo.loss(model, examples, tok.pad_token_id, req).item() == pytest.approx(math.log(2), abs=1e-5)
+    chosen_sft = collate(encode_examples(tok, [{"prompt": p, "answer": c} for p, c in zip(prompts, chosen)], 64), tok.pad_token_id)
+    per_token = -(sequence_logps(model(**chosen_sft).logits, chosen_sft["labels"]) / labelled_tokens(chosen_sft["labels"]))
+    rpo = replace(req, objective_settings={"beta": 0.2, "nll_weight": 2.0})
+    assert dpo.loss(model, examples, tok.pad_token_id, rpo).item() == pytest.approx(math.log(2) + 2.0 * per_token.mean().item(),
+                                                                                   abs=1e-4)
     with pytest.raises(ValueError, match="pair 1 needs numbers 'ref_chosen' and 'ref_rejected'"):
         dpo.encode(tok, [rows[0], {k: v for k, v in rows[1].items() if k != "ref_rejected"}], req)
 
@@ -149,6 +166,8 @@ def test_the_transfer_dpo_job_validates_and_only_its_recipe_may_set_dpo():
         check_job(plain, "job.yaml")
     with pytest.raises(SpecError, match="dpo.beta"):
         _job(dpo={"beta": 0})
+    with pytest.raises(SpecError, match="dpo.nll_weight"):
+        _job(dpo={"nll_weight": -1})
     for section in ("train", "dpo"):  # DeepSpeed's schedule refuses 0 warmup steps mid-run: refused before anything runs
         with pytest.raises(SpecError, match=f"job.yaml: {section}.warmup_steps"):
             _job(**{section: {"warmup_steps": 0}})

@@ -83,7 +83,8 @@ def dpo_request(spec: JobSpec, base: Base, expert: Ref, pairs: Ref) -> TrainRequ
     return TrainRequest(model=model, tokenizer=base.tokenizer, data=pairs, mode=mode, steps=d.steps, batch_size=d.batch_size,
                         seed=tr.seed, deepspeed=dpo_deepspeed(spec), num_workers=tr.num_workers, accelerator=spec.compute.accelerator,
                         threads_per_worker=tr.cpus_per_worker, max_length=tr.max_length, adapter=adapter,
-                        trust_remote_code=spec.trust_remote_code, objective="dpo", objective_settings={"beta": d.beta})
+                        trust_remote_code=spec.trust_remote_code, objective="dpo",
+                        objective_settings={"beta": d.beta, "nll_weight": d.nll_weight})
 
 
 class TargetAnswerer:
@@ -172,7 +173,8 @@ def run(ctx: RunContext) -> StageResult:
             write_jsonl(tmp / "pairs.jsonl", pairs)
             c = counts[name]
             ctx.log(f"  dpo/{name}: {c['pairs']} pairs from {c['prompts']} prompts ({c['pairs_greedy_wrong']} where the target's "
-                    f"greedy answer is not the source's, {c['pairs_sampled']} from its samples), β={d.beta}, {d.steps} steps")
+                    f"greedy answer is not the source's, {c['pairs_sampled']} from its samples), β={d.beta}, "
+                    f"NLL weight {d.nll_weight}, {d.steps} steps")
             req = replace(reqs[name], data=Ref(str(tmp / "pairs.jsonl"), pairs_keys[name]))
             jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id,
                                  system_metrics_every_s=spec.tracking.system_metrics_every_s))
@@ -183,7 +185,8 @@ def run(ctx: RunContext) -> StageResult:
         for name, (tmp, run) in todo.items():
             method.check(tmp, base.model.path, trust_remote_code=spec.trust_remote_code)
             info = json.loads((tmp / "train_info.json").read_text())
-            (tmp / "dpo.json").write_text(json.dumps({**counts[name], "beta": d.beta, "final_loss": info["final_loss"]}, indent=1))
+            summary = {**counts[name], "beta": d.beta, "nll_weight": d.nll_weight, "final_loss": info["final_loss"]}
+            (tmp / "dpo.json").write_text(json.dumps(summary, indent=1))
             run.artifact(tmp / "dpo.json")
             metrics[name] = {**counts[name], "final_loss": info["final_loss"], "train_seconds": info["train_seconds"]}
         return metrics

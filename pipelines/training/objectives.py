@@ -3,7 +3,8 @@
 `sft` is next-token cross-entropy on each `{"prompt", "answer"}` row's loss span (the loop's default,
 with replay mixed in). `dpo` reads `{"prompt", "chosen", "rejected", "ref_chosen", "ref_rejected"}` pairs
 (`graft.preference`: the reference log-probabilities were computed when the pairs were made, so no
-reference model runs here) and takes the DPO loss with `beta` from the request's `objective_settings`.
+reference model runs here) and takes the DPO loss with `beta` (and, where set, `nll_weight`: the chosen answers' NLL
+added, RPO) from the request's `objective_settings`.
 """
 
 from __future__ import annotations
@@ -53,13 +54,15 @@ def _dpo_loss(engine, examples: list, pad_id: int, req):
     import torch
 
     from graft.data import collate
-    from graft.preference import dpo_loss, sequence_logps
+    from graft.preference import dpo_loss, labelled_tokens, sequence_logps
 
     n = len(examples)
     batch = {k: v.to(engine.device) for k, v in collate([e[0] for e in examples] + [e[1] for e in examples], pad_id).items()}
     logps = sequence_logps(engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
     ref = torch.tensor([[e[2] for e in examples], [e[3] for e in examples]], device=logps.device)
-    return dpo_loss(logps[:n], logps[n:], ref[0], ref[1], req.objective_settings["beta"]).loss
+    settings = req.objective_settings
+    return dpo_loss(logps[:n], logps[n:], ref[0], ref[1], settings["beta"], nll_weight=settings.get("nll_weight", 0.0),
+                    chosen_tokens=labelled_tokens(batch["labels"][:n])).loss
 
 
 OBJECTIVES: dict[str, Objective] = {
