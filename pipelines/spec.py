@@ -187,6 +187,9 @@ class DpoSpec(Strict):
                               "DPO loss (RPO; TRL's rpo_alpha): keeps the chosen answer likely while the margin widens "
                               "(0: plain DPO)")
     steps: int = Field(100, gt=0)
+    epochs: float | None = Field(3.0, gt=0, description="at most this many passes over a skill's pairs: a skill with few "
+                                 "pairs trains fewer than `steps` steps, so DPO does not grind a handful of pairs hundreds "
+                                 "of times (None: always `steps`)")
     lr: float = Field(1e-4, gt=0, description="usually 10× below the SFT learning rate")
     batch_size: int = Field(16, gt=0, description="pairs per worker (each pair is two sequences)")
     warmup_steps: int = Field(10, gt=0, description="linear warmup; DeepSpeed's schedule needs at least one step")

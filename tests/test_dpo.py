@@ -171,3 +171,14 @@ def test_the_transfer_dpo_job_validates_and_only_its_recipe_may_set_dpo():
     for section in ("train", "dpo"):  # DeepSpeed's schedule refuses 0 warmup steps mid-run: refused before anything runs
         with pytest.raises(SpecError, match=f"job.yaml: {section}.warmup_steps"):
             _job(**{section: {"warmup_steps": 0}})
+
+
+def test_dpo_trains_at_most_its_epochs_over_the_pairs_and_warms_up_within_them():
+    from pipelines.spec import DpoSpec
+    from pipelines.stages.dpo import capped_schedule
+
+    d = DpoSpec(steps=200, epochs=3, batch_size=16, warmup_steps=10)
+    assert capped_schedule(d, 41, workers=2) == (4, 1)  # 3 passes over 41 pairs at 32 a step: ceil(3.84)
+    assert capped_schedule(d, 1000, workers=2) == (94, 9)
+    assert capped_schedule(d, 5000, workers=2) == (200, 10)  # the pairs outlast `steps`: the section's schedule
+    assert capped_schedule(d.model_copy(update={"epochs": None}), 41, workers=2) == (200, 10)

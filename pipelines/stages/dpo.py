@@ -14,12 +14,15 @@ answers exactly as the source does, greedy and in every sample, has nothing to p
 then train the expert with the DPO loss through the same Ray Train + DeepSpeed loop as `train`
 (`pipelines.training.objectives`), every skill in one worker group.
 Outputs: `<root>/dpo/<skill>-<key>/`, the expert (as `train` writes it) with `pairs.jsonl` and `dpo.json`.
-Logs (child run `dpo/<skill>`): prompts, pairs, pair_fraction, pairs_greedy_wrong, pairs_sampled, final_loss, train_seconds.
+Training runs `dpo.steps` steps, or fewer where `dpo.epochs` passes over the skill's pairs take fewer (`capped_schedule`).
+Logs (child run `dpo/<skill>`): prompts, pairs, pair_fraction, pairs_greedy_wrong, pairs_sampled, steps, final_loss,
+train_seconds.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -128,6 +131,15 @@ class TargetAnswerer:
                 "ref_chosen": np.array(ref_chosen), "ref_rejected": np.array(ref_rejected)}
 
 
+def capped_schedule(d: DpoSpec, pairs: int, workers: int) -> tuple[int, int]:
+    """(steps, warmup steps) of a skill's DPO training: `dpo.steps`, or fewer where `dpo.epochs` passes over its `pairs`
+    (at `dpo.batch_size` pairs per worker) take fewer; a capped schedule warms up over at most a tenth of its steps."""
+    if d.epochs is None:
+        return d.steps, d.warmup_steps
+    steps = min(d.steps, max(1, math.ceil(d.epochs * pairs / (d.batch_size * workers))))
+    return (d.steps, d.warmup_steps) if steps == d.steps else (steps, min(d.warmup_steps, max(1, steps // 10)))
+
+
 def make_pairs(req: PairsRequest, d: DpoSpec, skill: str) -> tuple[list[dict], dict[str, float]]:
     """The skill's pairs (each with its reference log-probs), and how many prompts the target answered and how many
     pairs reject its greedy answer or a sampled one."""
@@ -160,10 +172,12 @@ def run(ctx: RunContext) -> StageResult:
                                        d.max_new_tokens, d.samples, d.temperature, spec.train.seed, spec.train.max_length,
                                        spec.trust_remote_code, where) for s in spec.skills}
     pairs_keys = {name: content_key(req) for name, req in pairs_reqs.items()}
-    # the pairs file's path is only known while building; a Ref is keyed by its key, so the request's key is final now
+    # the pairs file's path, and the steps `dpo.epochs` allows, are only known while building; both follow from the pairs
+    # request, so the key of (the uncapped request, the epochs) is final now
     reqs = {name: dpo_request(spec, base, experts[name], Ref("", pairs_keys[name])) for name in pairs_reqs}
+    keys = {name: content_key({"request": req.key(), "epochs": d.epochs}) for name, req in reqs.items()}
     params = {**{f"dpo.{k}": v for k, v in d.model_dump(mode="json").items()}, "train.method": spec.train.method}
-    items = [Item(name, req.key(), {"skill": name, **params, "deepspeed.zero_stage": req.zero_stage}) for name, req in reqs.items()]
+    items = [Item(name, keys[name], {"skill": name, **params, "deepspeed.zero_stage": req.zero_stage}) for name, req in reqs.items()]
 
     def build(todo) -> dict[str, dict[str, float]]:
         jobs, counts = [], {}
@@ -172,10 +186,14 @@ def run(ctx: RunContext) -> StageResult:
             tmp.mkdir(parents=True, exist_ok=True)
             write_jsonl(tmp / "pairs.jsonl", pairs)
             c = counts[name]
+            steps, warmup = capped_schedule(d, c["pairs"], spec.train.num_workers)
+            c["steps"] = steps
+            capped = f" (capped from {d.steps}: {d.epochs:g} epochs)" if steps < d.steps else ""
             ctx.log(f"  dpo/{name}: {c['pairs']} pairs from {c['prompts']} prompts ({c['pairs_greedy_wrong']} where the target's "
                     f"greedy answer is not the source's, {c['pairs_sampled']} from its samples), β={d.beta}, "
-                    f"NLL weight {d.nll_weight}, {d.steps} steps")
-            req = replace(reqs[name], data=Ref(str(tmp / "pairs.jsonl"), pairs_keys[name]))
+                    f"NLL weight {d.nll_weight}, {steps} steps{capped}")
+            req = replace(reqs[name], data=Ref(str(tmp / "pairs.jsonl"), pairs_keys[name]), steps=steps,
+                          deepspeed=dpo_deepspeed(spec, schedule=(steps, warmup)))
             jobs.append(TrainJob(req, str(tmp), tracking_uri=ctx.tracker.uri, mlflow_run_id=run.run_id,
                                  system_metrics_every_s=spec.tracking.system_metrics_every_s))
         run_training(jobs, ctx.root / "ray_train", "dpo-" + "-".join(todo), checkpoint_every=spec.train.checkpoint_every,
@@ -192,5 +210,5 @@ def run(ctx: RunContext) -> StageResult:
         return metrics
 
     paths = ctx.run_items(NAME, items, build, result)
-    result.artifacts.append(Experts({name: Ref(str(path), reqs[name].key()) for name, path in paths.items()}, kind=experts.kind))
+    result.artifacts.append(Experts({name: Ref(str(path), keys[name]) for name, path in paths.items()}, kind=experts.kind))
     return result

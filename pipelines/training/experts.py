@@ -54,13 +54,15 @@ def adapter_deepspeed(tr: TrainSpec) -> dict:
                                   overrides=tr.deepspeed)
 
 
-def dpo_deepspeed(spec: JobSpec, micro_batch_size: int | None = None) -> dict:
+def dpo_deepspeed(spec: JobSpec, micro_batch_size: int | None = None, schedule: tuple[int, int] | None = None) -> dict:
     """The effective DeepSpeed config of a skill's DPO training (stage `dpo`): the `dpo` section's schedule and batch,
     the `train` section's ZeRO stage, precision, offload and overrides. `micro_batch_size` (default `dpo.batch_size`
-    pairs) is what one forward pass holds: the planner passes the pair's two sequences."""
+    pairs) is what one forward pass holds: the planner passes the pair's two sequences. `schedule` (steps, warmup
+    steps) replaces the section's where the stage has capped it by `dpo.epochs`."""
     tr, d = spec.train, spec.dpo
-    return build_deepspeed_config(micro_batch_size=micro_batch_size or d.batch_size, lr=d.lr, steps=d.steps,
-                                  warmup_steps=d.warmup_steps, zero_stage=tr.zero_stage, grad_clip=GRAD_CLIP, bf16=tr.bf16,
+    steps, warmup = schedule or (d.steps, d.warmup_steps)
+    return build_deepspeed_config(micro_batch_size=micro_batch_size or d.batch_size, lr=d.lr, steps=steps,
+                                  warmup_steps=warmup, zero_stage=tr.zero_stage, grad_clip=GRAD_CLIP, bf16=tr.bf16,
                                   offload_optimizer=tr.offload_optimizer, overrides=tr.deepspeed)
 
 
