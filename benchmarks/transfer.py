@@ -169,11 +169,13 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.bar([i + 0.2 for i in x], [row["general"][v] for v in VARIANTS], 0.4, label="general", color="#bbbbbb")
         for b, m, v in zip(bars, means, VARIANTS):
             ax.text(b.get_x() + b.get_width() / 2, row["max"][v] + 0.03, f"{m:.2f}", ha="center", fontsize=8)
-        ax.set_xticks(list(x), [v.replace("_", "\n") for v in VARIANTS], fontsize=8)
+        ax.axhline(0.9 * row["distilled_full"], color="#555555", ls=":", lw=1, label="target: 90% of full SFT")
+        ax.set_xticks(list(x), [v.replace("_1_15", "\n1/15").replace("_1_30", "\n1/30").replace("_", "\n") for v in VARIANTS],
+                      fontsize=8)
         ax.set_ylim(0, 1.3)
         ax.set_ylabel("exact match")
         ax.set_title(f"{row['skill']}: source-hetero (Qwen2) → base (Llama); mean of seeds, min-max bars", fontsize=9)
-        ax.legend(fontsize=8, loc="upper center", ncols=2)
+        ax.legend(fontsize=8, loc="upper center", ncols=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
