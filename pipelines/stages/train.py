@@ -8,7 +8,8 @@ output's. The skills train one after another in the same worker group, so the gr
 of seconds on a small machine) is paid once per stage, not once per skill; the group checkpoints every
 `train.checkpoint_every` steps and resumes after a worker failure. Reused experts are skipped; a new
 one is checked (`graft.model_checks.check_adapter` / `check_checkpoint` against the base) before it is
-committed, so a broken one fails the stage instead of being cached.
+committed, so a broken one fails the stage instead of being cached. A run whose loss went backwards after an early
+best (`pipelines.training.loss_curve`) is a warning on the job's summary.
 Outputs: `<root>/train/<skill>-<key>/`, a PEFT adapter or checkpoint folder (+ `train_info.json`, `losses.json`).
 Logs (child run `train/<skill>`): loss per step, engine class, effective ZeRO stage, world size, and
 the adapter itself (a full checkpoint is not copied into MLflow; its folder is the run's `graftline.expert` tag).
@@ -17,11 +18,14 @@ the adapter itself (a full checkpoint is not copied into MLflow; its folder is t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from pipelines.artifacts import Base, Datasets, Experts
 from pipelines.cache import Ref
 from pipelines.context import Item, RunContext, StageResult
 from pipelines.training.experts import METHODS, expert_requests
+from pipelines.training.loop import LOSSES
+from pipelines.training.loss_curve import went_backwards
 from pipelines.training.trainer import TrainJob, run_training
 
 NAME = "train"
@@ -68,5 +72,9 @@ def run(ctx: RunContext) -> StageResult:
         return metrics
 
     paths = ctx.run_items(NAME, items, build, result)
+    for name, path in paths.items():  # a reused expert's curve is judged again: its warning is this job's too
+        backwards = went_backwards(json.loads((Path(path) / LOSSES).read_text()))
+        if backwards:
+            result.warnings.append(f"{name}: {backwards}")
     result.artifacts.append(Experts({name: Ref(str(path), reqs[name].key()) for name, path in paths.items()}, kind=tr.method))
     return result
