@@ -134,10 +134,10 @@ class TargetAnswerer:
 def capped_schedule(d: DpoSpec, pairs: int, workers: int) -> tuple[int, int]:
     """(steps, warmup steps) of a skill's DPO training: `dpo.steps`, or fewer where `dpo.epochs` passes over its `pairs`
     (at `dpo.batch_size` pairs per worker) take fewer; a capped schedule warms up over at most a tenth of its steps."""
-    if d.epochs is None:
+    steps = d.steps if d.epochs is None else min(d.steps, max(1, math.ceil(d.epochs * pairs / (d.batch_size * workers))))
+    if steps == d.steps:
         return d.steps, d.warmup_steps
-    steps = min(d.steps, max(1, math.ceil(d.epochs * pairs / (d.batch_size * workers))))
-    return (d.steps, d.warmup_steps) if steps == d.steps else (steps, min(d.warmup_steps, max(1, steps // 10)))
+    return steps, min(d.warmup_steps, max(1, steps // 10))
 
 
 def make_pairs(req: PairsRequest, d: DpoSpec, skill: str) -> tuple[list[dict], dict[str, float]]:
